@@ -1,0 +1,4 @@
+"""PyTorch checkpoint layouts -> sdjax params pytrees (installed as ``sdjax.convert``).
+
+Knows PyTorch key names and tensor layouts; knows nothing about sampling.
+"""

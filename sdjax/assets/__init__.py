@@ -1,0 +1,1 @@
+"""Files shipped with sdjax: tokenizer vocabularies, model configs, the embedded default model."""

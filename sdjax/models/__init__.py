@@ -1,0 +1,1 @@
+"""Flax Linen modules: CLIP text encoders, UNet, VAE. Params are plain pytrees."""
