@@ -5,3 +5,14 @@ from sdjax import _xla_flags
 _xla_flags.apply()
 
 __version__ = "0.1.0"
+
+__all__ = ["Pipeline", "load", "__version__"]
+
+
+def __getattr__(name: str):
+    # Imported on first use: `import sdjax` stays light (no model code, no transformers) until needed.
+    if name in ("Pipeline", "load"):
+        from sdjax import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(f"module 'sdjax' has no attribute {name!r}")

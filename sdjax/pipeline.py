@@ -1,0 +1,246 @@
+"""The Pipeline: configs, Flax modules, one params pytree and the tokenizers of a Stable Diffusion model.
+
+``sdjax.load(path)`` builds one from a diffusers folder (or, via ``convert/``, a single-file checkpoint). The
+generation methods (text-to-image, image-to-image, inpainting) all call one core in ``sdjax.generate``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from transformers import CLIPTokenizer
+
+from sdjax.convert.clip import architectures_have_projection, convert_clip_text, has_projection
+from sdjax.convert.unet import convert_unet
+from sdjax.convert.vae import convert_vae
+from sdjax.loading import pipeline_components, read_component_weights, read_model_index
+from sdjax.models.clip import CLIPTextConfig, CLIPTextModel
+from sdjax.models.config import ConfigError, read_json
+from sdjax.models.unet import UNet2DConditionModel, UNetConfig
+from sdjax.models.vae import AutoencoderKL, VAEConfig
+from sdjax.samplers.schedules import SchedulerConfig
+from sdjax.tokenizer import load_tokenizer
+
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+TOKENIZER_FOR = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
+
+
+@dataclasses.dataclass(frozen=True)
+class TextEncoder:
+    module: CLIPTextModel
+    tokenizer: CLIPTokenizer
+
+    @property
+    def config(self) -> CLIPTextConfig:
+        return self.module.config
+
+
+@dataclasses.dataclass(frozen=True)
+class Pipeline:
+    """A loaded model. ``params`` maps component name ("unet", "vae", "text_encoder", "text_encoder_2") to a
+    plain params pytree; everything else is static configuration."""
+
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoders: dict[str, TextEncoder]
+    params: dict[str, Any]
+    scheduler: SchedulerConfig
+    force_zeros_for_empty_prompt: bool = False
+    requires_aesthetics_score: bool = False
+    source: str = ""
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.unet.config.addition_embed_type == "text_time"
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.vae.config.downsample_factor
+
+    @property
+    def default_size(self) -> int:
+        return self.unet.config.sample_size * self.vae_scale_factor
+
+    def replace(self, **changes: Any) -> Pipeline:
+        return dataclasses.replace(self, **changes)
+
+    # --- generation (the public API): all three tasks call sdjax.generate.run -----------------------------
+
+    def text_to_image(
+        self, prompt: str | list[str], *, negative_prompt: str | list[str] | None = None,
+        num_steps: int = 30, guidance_scale: float = 7.5, sampler: str = "euler", schedule: str | None = None,
+        seed: int = 0, latents: Any = None, height: int | None = None, width: int | None = None,
+        clip_skip: int | None = None, guidance_rescale: float = 0.0, eta: float | None = None, output: str = "np",
+        **sdxl_options: Any,
+    ) -> Any:
+        """Generate images from text. Returns (B, H, W, 3) float32 in [0, 1] (``output="np"``), a list of PIL
+        images (``"pil"``) or the final latents in diffusers' (B, C, H/8, W/8) layout (``"latent"``).
+
+        ``latents``: unscaled standard-normal starting noise in diffusers' layout (the same noise gives the
+        same image as diffusers). Otherwise image i draws its noise from ``fold_in(PRNGKey(seed), i)``.
+        ``sdxl_options``: ``prompt_2``, ``negative_prompt_2``, ``original_size``, ``crops_coords_top_left``,
+        ``target_size`` (and their ``negative_`` forms), ``denoising_end`` (base -> refiner hand-off); for
+        any model also ``progress`` (a ``(step, total)`` callback) and ``mesh`` (a Mesh with a "data" axis).
+        ``eta``: None uses the sampler's own (DDIM 0; ancestral and SDE samplers 1, as diffusers).
+        """
+        return self._generate("text", _arguments(locals()))
+
+    def image_to_image(
+        self, prompt: str | list[str], image: Any, *, strength: float = 0.8,
+        negative_prompt: str | list[str] | None = None, num_steps: int = 30, guidance_scale: float = 7.5,
+        sampler: str = "euler", schedule: str | None = None, seed: int = 0, latents: Any = None,
+        clip_skip: int | None = None, guidance_rescale: float = 0.0, eta: float | None = None, output: str = "np",
+        **sdxl_options: Any,
+    ) -> Any:
+        """Re-draw ``image`` (PIL image(s) or an array in [0, 1]) guided by ``prompt``; ``strength`` picks how
+        much of the schedule runs (1.0 = all of it). ``image`` may also be latents in diffusers' layout, e.g.
+        an SDXL base's ``output="latent"`` for the refiner with ``denoising_start``; SDXL's refiner also takes
+        ``aesthetic_score`` / ``negative_aesthetic_score``. Returns as :meth:`text_to_image`."""
+        return self._generate("image", _arguments(locals()))
+
+    def inpaint(
+        self, prompt: str | list[str], image: Any, mask: Any, *, strength: float = 1.0,
+        negative_prompt: str | list[str] | None = None, num_steps: int = 30, guidance_scale: float = 7.5,
+        sampler: str = "euler", schedule: str | None = None, seed: int = 0, latents: Any = None,
+        clip_skip: int | None = None, guidance_rescale: float = 0.0, eta: float | None = None, output: str = "np",
+        **sdxl_options: Any,
+    ) -> Any:
+        """Repaint the white part of ``mask`` (same size as ``image``). Works with 9-channel inpainting UNets
+        (mask and masked image as extra inputs) and with ordinary UNets (the original is re-imposed outside
+        the mask after every step). Returns as :meth:`text_to_image`."""
+        return self._generate("inpaint", _arguments(locals()))
+
+    def _generate(self, task: str, options: dict[str, Any]) -> Any:
+        from sdjax.generate import run
+
+        extra = options.pop("sdxl_options")
+        if not self.is_sdxl and (wrong := sorted(k for k in extra if k in _SDXL_ONLY)):
+            raise TypeError(f"{', '.join(wrong)}: SDXL-only options, but this is not an SDXL model")
+        return run(self, task=task, **options, **extra)
+
+
+_SDXL_ONLY = frozenset({
+    "prompt_2", "negative_prompt_2", "original_size", "crops_coords_top_left", "target_size",
+    "negative_original_size", "negative_crops_coords_top_left", "negative_target_size", "aesthetic_score",
+    "negative_aesthetic_score",
+})
+
+
+def _arguments(scope: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in scope.items() if k != "self"}
+
+
+def _tokenizer_convention(name: str, config: CLIPTextConfig) -> str:
+    # SD1 and SDXL's first encoder are OpenAI CLIP (quick_gelu, pads with <|endoftext|>); SD2's encoder and
+    # SDXL's second are OpenCLIP (gelu, pads with "!").
+    return "openclip" if name == "text_encoder_2" or config.hidden_act == "gelu" else "clip"
+
+
+def build_pipeline(
+    *,
+    configs: dict[str, dict[str, Any]],
+    state_dicts: dict[str, dict[str, np.ndarray]],
+    scheduler_config: dict[str, Any],
+    tokenizer_folders: dict[str, Path | None],
+    dtype: Any = jnp.float32,
+    force_zeros_for_empty_prompt: bool = False,
+    requires_aesthetics_score: bool = False,
+    source: str = "",
+) -> Pipeline:
+    """Convert component state dicts (PyTorch naming/layout) into a Pipeline."""
+    for needed in ("unet", "vae"):
+        if needed not in state_dicts:
+            raise ConfigError(f"{source}: the model has no {needed}")
+    unet_config = UNetConfig.from_dict(configs["unet"])
+    vae_config = VAEConfig.from_dict(configs["vae"])
+    # A VAE that needs float32 (force_upcast) keeps float32 params whatever the pipeline dtype.
+    vae_dtype = jnp.float32 if vae_config.force_upcast else dtype
+    params: dict[str, Any] = {
+        "unet": convert_unet(state_dicts["unet"], unet_config, dtype=dtype),
+        "vae": convert_vae(state_dicts["vae"], vae_config, dtype=vae_dtype),
+    }
+    text_encoders: dict[str, TextEncoder] = {}
+    for name in TEXT_ENCODERS:
+        if name not in state_dicts:
+            continue
+        raw = configs[name]
+        config = CLIPTextConfig.from_dict(raw)
+        projection = has_projection(state_dicts[name]) or architectures_have_projection(raw)
+        params[name] = convert_clip_text(state_dicts[name], config, with_projection=projection, dtype=dtype)
+        tokenizer = load_tokenizer(tokenizer_folders.get(name), convention=_tokenizer_convention(name, config))
+        text_encoders[name] = TextEncoder(CLIPTextModel(config, with_projection=projection, dtype=dtype), tokenizer)
+    if not text_encoders:
+        raise ConfigError(f"{source}: the model has no text encoder")
+    return Pipeline(
+        unet=UNet2DConditionModel(unet_config, dtype=dtype),
+        vae=AutoencoderKL(vae_config, dtype=vae_dtype),
+        text_encoders=text_encoders,
+        params=params,
+        scheduler=SchedulerConfig.from_dict(scheduler_config),
+        force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
+        requires_aesthetics_score=requires_aesthetics_score,
+        source=source,
+    )
+
+
+def load_diffusers_folder(folder: Path, *, dtype: Any = jnp.float32, variant: str | None = None) -> Pipeline:
+    index = read_model_index(folder)
+    components = pipeline_components(index)
+    configs: dict[str, dict[str, Any]] = {}
+    state_dicts: dict[str, dict[str, np.ndarray]] = {}
+    for name, kind in components.items():
+        if kind in ("unet", "vae", "clip"):
+            configs[name] = read_json(folder / name / "config.json")
+            state_dicts[name] = read_component_weights(folder / name, variant=variant)
+    if "scheduler" not in components:
+        raise ConfigError(f"{folder}: model_index.json lists no scheduler")
+    tokenizer_folders = {
+        name: folder / TOKENIZER_FOR[name] if TOKENIZER_FOR[name] in components else None
+        for name in TEXT_ENCODERS
+    }
+    return build_pipeline(
+        configs=configs,
+        state_dicts=state_dicts,
+        scheduler_config=read_json(folder / "scheduler" / "scheduler_config.json"),
+        tokenizer_folders=tokenizer_folders,
+        dtype=dtype,
+        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", False)),
+        requires_aesthetics_score=bool(index.get("requires_aesthetics_score", False)),
+        source=str(folder),
+    )
+
+
+DEFAULT_MODEL = Path(__file__).resolve().parent / "assets" / "default_model"
+
+
+def load(
+    path: str | Path | None = None,
+    *,
+    dtype: Any = jnp.float32,
+    variant: str | None = None,
+    prediction_type: str | None = None,
+) -> Pipeline:
+    """Load a model: a diffusers folder, a single-file checkpoint (.safetensors / .ckpt), or an sdjax
+    checkpoint folder. With no path, the small default model embedded in sdjax.
+
+    ``dtype``: params and compute dtype (float32, bfloat16, float16); sampler arithmetic stays float32 and a
+    VAE marked ``force_upcast`` keeps float32. ``variant``: e.g. "fp16" to pick ``*.fp16.safetensors``
+    (by default the full-precision files, falling back to fp16 ones). ``prediction_type`` overrides the
+    scheduler's (e.g. "v_prediction" for SD 2.x 768-v single files).
+    """
+    folder = DEFAULT_MODEL if path is None else Path(path)
+    if not folder.exists():
+        raise FileNotFoundError(f"no model at {folder}")
+    if folder.is_dir():
+        pipe = load_diffusers_folder(folder, dtype=dtype, variant=variant)
+    else:
+        from sdjax.convert.single_file import load_single_file
+
+        pipe = load_single_file(folder, dtype=dtype)
+    if prediction_type is not None:
+        pipe = pipe.replace(scheduler=dataclasses.replace(pipe.scheduler, prediction_type=prediction_type))
+    return pipe
