@@ -276,6 +276,7 @@ def run(
     denoising_end: float | None = None,
     progress: Callable[[int, int], None] | None = None,
     mesh: Any = None,
+    image_index_offset: int = 0,
 ) -> Any:
     """Shared by every task: validate, tokenize, place on devices, run the jitted core, decode."""
     check_options(pipe, sampler=sampler, num_steps=num_steps, clip_skip=clip_skip, output=output)
@@ -346,7 +347,7 @@ def run(
         if noise.shape != expected:
             raise ValueError(f"latents has shape {noise.shape}; expected {expected} (batch, channels, h/{f}, w/{f})")
         inputs["noise"] = noise.transpose(0, 2, 3, 1)
-    inputs["keys"] = np.asarray(parallel.image_keys(seed, np.arange(batch)))
+    inputs["keys"] = np.asarray(parallel.image_keys(seed, image_index_offset + np.arange(batch)))
     inputs["guidance_scale"] = np.float32(guidance_scale)
     inputs["guidance_rescale"] = np.float32(guidance_rescale)
     if eta is not None:
