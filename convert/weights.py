@@ -41,6 +41,16 @@ def torch_key_to_path(key: str) -> tuple[str, ...]:
     return tuple(parts)
 
 
+# PyTorch module names that really end in "_<digit>" (not list members), e.g. TimestepEmbedding's linear_1.
+LITERAL_NAMES = frozenset({"linear_1", "linear_2"})
+
+
+def path_to_torch_key(path: tuple[str, ...]) -> str:
+    """``("a", "b_0", "c", "kernel")`` -> ``"a.b.0.c.weight"`` (inverse of :func:`torch_key_to_path`)."""
+    module = [name if name in LITERAL_NAMES else re.sub(r"_(\d+)$", r".\1", name) for name in path[:-1]]
+    return ".".join(module + ["bias" if path[-1] == "bias" else "weight"])
+
+
 def flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
     out: dict[tuple[str, ...], Any] = {}
     for name, value in tree.items():
@@ -152,9 +162,7 @@ def from_flax_params(
     """
     out: dict[str, np.ndarray] = {}
     for path, value in flatten(params).items():
-        module, leaf = path[:-1], path[-1]
-        key_parts = [re.sub(r"_(\d+)$", r".\1", name) for name in module]
-        key = ".".join(key_parts + ["bias" if leaf == "bias" else "weight"])
+        key = path_to_torch_key(path)
         shape = torch_shapes.get(key) if torch_shapes else None
-        out[key] = np.ascontiguousarray(_to_torch_layout(np.asarray(value), leaf, shape))
+        out[key] = np.ascontiguousarray(_to_torch_layout(np.asarray(value), path[-1], shape))
     return out

@@ -1,6 +1,8 @@
 """The ``sdjax`` command: a thin layer over the Python API.
 
     sdjax generate --prompt "a red circle on a blue background" [--model PATH] [-n 4] [--out DIR] ...
+    sdjax convert SRC OUT [--dtype bfloat16]     # any checkpoint -> sdjax checkpoint (orbax)
+    sdjax export SRC OUT                         # any checkpoint -> diffusers folder
 
 Bad input gives one message and exit status 2, before anything is written; images are written atomically.
 """
@@ -48,8 +50,49 @@ def _build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--mask", help="inpainting mask (white = repaint), same size as --image")
     gen.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     gen.add_argument("--out", default="outputs", help="output folder (created if missing)")
+    gen.add_argument("--grid", action="store_true", help="also write grid.png with all images")
     gen.set_defaults(run=_generate)
+
+    conv = commands.add_parser("convert", help="convert a checkpoint (diffusers folder, .safetensors, .ckpt) "
+                                              "into an sdjax checkpoint (orbax params + configs + tokenizers)")
+    conv.add_argument("src")
+    conv.add_argument("out")
+    conv.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="cast the params when writing")
+    conv.add_argument("--prediction-type", choices=("epsilon", "v_prediction", "sample"),
+                      help="override the scheduler's (e.g. SD 2.x 768-v single files)")
+    conv.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    conv.set_defaults(run=_convert)
+
+    export = commands.add_parser("export", help="write any loadable model as a diffusers folder (safetensors)")
+    export.add_argument("src")
+    export.add_argument("out")
+    export.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    export.set_defaults(run=_export)
     return parser
+
+
+def _check_out(out: str, force: bool) -> None:
+    if Path(out).exists() and not force:
+        raise UsageError(f"{out} already exists; pass --force to replace it")
+
+
+def _convert(args: argparse.Namespace) -> None:
+    _check_out(args.out, args.force)
+    import sdjax
+    from sdjax.checkpoint import save_checkpoint
+
+    pipe = sdjax.load(args.src, prediction_type=args.prediction_type)
+    save_checkpoint(pipe, args.out, dtype=args.dtype, force=args.force)
+    print(f"wrote sdjax checkpoint {args.out}")
+
+
+def _export(args: argparse.Namespace) -> None:
+    _check_out(args.out, args.force)
+    import sdjax
+    from sdjax.checkpoint import export_diffusers
+
+    export_diffusers(sdjax.load(args.src), args.out, force=args.force)
+    print(f"wrote diffusers folder {args.out}")
 
 
 def a1111_parameters(args: argparse.Namespace, seed: int, index: int, width: int, height: int,
@@ -187,10 +230,30 @@ def _generate(args: argparse.Namespace) -> None:
             written.append(path)
     bar.close()
     total = time.perf_counter() - start
-    compile_seconds = clock.seconds - compile_before
     print(f"wrote {len(written)} image(s) to {out_dir}/")
+    if args.grid:
+        from PIL import Image
+
+        pictures = [Image.open(p) for p in written]
+        print(f"wrote {_write_grid(pictures, out_dir / 'grid.png')}")
+    compile_seconds = clock.seconds - compile_before
     print(f"load {load_seconds:.1f} s, compile {compile_seconds:.1f} s, generation {total - compile_seconds:.1f} s "
           f"({args.count} image(s), {args.steps} steps)")
+
+
+def _write_grid(pictures: list[Any], path: Path) -> Path:
+    from PIL import Image
+
+    from sdjax.images import save_png
+
+    columns = min(len(pictures), 8)
+    rows = -(-len(pictures) // columns)
+    w, h = pictures[0].size
+    grid = Image.new("RGB", (columns * w, rows * h))
+    for i, picture in enumerate(pictures):
+        grid.paste(picture, ((i % columns) * w, (i // columns) * h))
+    save_png(grid, path)
+    return path
 
 
 def _call(method: Any, *args: Any, first: int, **kwargs: Any) -> Any:
@@ -206,7 +269,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         args.run(args)
-    except (UsageError, ValueError, FileNotFoundError, ConfigError, CheckpointError, WeightMismatchError) as e:
+    except (UsageError, ValueError, FileNotFoundError, FileExistsError, ConfigError, CheckpointError,
+            WeightMismatchError) as e:
         print(f"sdjax: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -140,44 +140,33 @@ def _tokenizer_convention(name: str, config: CLIPTextConfig) -> str:
     return "openclip" if name == "text_encoder_2" or config.hidden_act == "gelu" else "clip"
 
 
-def build_pipeline(
+def assemble(
     *,
     configs: dict[str, dict[str, Any]],
-    state_dicts: dict[str, dict[str, np.ndarray]],
+    params: dict[str, Any],
     scheduler_config: dict[str, Any],
-    tokenizer_folders: dict[str, Path | None],
+    tokenizers: dict[str, CLIPTokenizer],
+    projections: dict[str, bool],
     dtype: Any = jnp.float32,
     force_zeros_for_empty_prompt: bool = False,
     requires_aesthetics_score: bool = False,
     source: str = "",
 ) -> Pipeline:
-    """Convert component state dicts (PyTorch naming/layout) into a Pipeline."""
+    """A Pipeline from component config dicts and params already in sdjax's layout."""
     for needed in ("unet", "vae"):
-        if needed not in state_dicts:
+        if needed not in params:
             raise ConfigError(f"{source}: the model has no {needed}")
-    unet_config = UNetConfig.from_dict(configs["unet"])
     vae_config = VAEConfig.from_dict(configs["vae"])
-    # A VAE that needs float32 (force_upcast) keeps float32 params whatever the pipeline dtype.
-    vae_dtype = jnp.float32 if vae_config.force_upcast else dtype
-    params: dict[str, Any] = {
-        "unet": convert_unet(state_dicts["unet"], unet_config, dtype=dtype),
-        "vae": convert_vae(state_dicts["vae"], vae_config, dtype=vae_dtype),
+    text_encoders = {
+        name: TextEncoder(CLIPTextModel(CLIPTextConfig.from_dict(configs[name]), with_projection=projections[name],
+                                        dtype=dtype), tokenizers[name])
+        for name in TEXT_ENCODERS if name in params
     }
-    text_encoders: dict[str, TextEncoder] = {}
-    for name in TEXT_ENCODERS:
-        if name not in state_dicts:
-            continue
-        raw = configs[name]
-        config = CLIPTextConfig.from_dict(raw)
-        projection = has_projection(state_dicts[name]) or architectures_have_projection(raw)
-        params[name] = convert_clip_text(state_dicts[name], config, with_projection=projection, dtype=dtype)
-        tokenizer = load_tokenizer(tokenizer_folders.get(name), convention=_tokenizer_convention(name, config))
-        text_encoders[name] = TextEncoder(CLIPTextModel(config, with_projection=projection, dtype=dtype), tokenizer)
     if not text_encoders:
         raise ConfigError(f"{source}: the model has no text encoder")
     return Pipeline(
-        unet=UNet2DConditionModel(unet_config, dtype=dtype),
-        vae=AutoencoderKL(vae_config, dtype=vae_dtype),
+        unet=UNet2DConditionModel(UNetConfig.from_dict(configs["unet"]), dtype=dtype),
+        vae=AutoencoderKL(vae_config, dtype=vae_param_dtype(vae_config, dtype)),
         text_encoders=text_encoders,
         params=params,
         scheduler=SchedulerConfig.from_dict(scheduler_config),
@@ -185,6 +174,48 @@ def build_pipeline(
         requires_aesthetics_score=requires_aesthetics_score,
         source=source,
     )
+
+
+def vae_param_dtype(config: VAEConfig, dtype: Any) -> Any:
+    # A VAE that needs float32 (force_upcast) keeps float32 params whatever the pipeline dtype.
+    return jnp.float32 if config.force_upcast else dtype
+
+
+def build_pipeline(
+    *,
+    configs: dict[str, dict[str, Any]],
+    state_dicts: dict[str, dict[str, np.ndarray]],
+    scheduler_config: dict[str, Any],
+    tokenizer_folders: dict[str, Path | None],
+    tokenizer_conventions: dict[str, str] | None = None,
+    dtype: Any = jnp.float32,
+    source: str = "",
+    **flags: Any,
+) -> Pipeline:
+    """Convert component state dicts (PyTorch naming and layout) into a Pipeline.
+
+    Tokenizers come from ``tokenizer_folders`` when a folder has its own files, else from sdjax's shipped
+    vocabulary with the convention given (or guessed from the encoder: OpenCLIP towers use gelu).
+    """
+    for needed in ("unet", "vae"):
+        if needed not in state_dicts:
+            raise ConfigError(f"{source}: the model has no {needed}")
+    vae_config = VAEConfig.from_dict(configs["vae"])
+    params: dict[str, Any] = {
+        "unet": convert_unet(state_dicts["unet"], UNetConfig.from_dict(configs["unet"]), dtype=dtype),
+        "vae": convert_vae(state_dicts["vae"], vae_config, dtype=vae_param_dtype(vae_config, dtype)),
+    }
+    tokenizers, projections = {}, {}
+    for name in TEXT_ENCODERS:
+        if name not in state_dicts:
+            continue
+        config = CLIPTextConfig.from_dict(configs[name])
+        projections[name] = has_projection(state_dicts[name]) or architectures_have_projection(configs[name])
+        params[name] = convert_clip_text(state_dicts[name], config, with_projection=projections[name], dtype=dtype)
+        convention = (tokenizer_conventions or {}).get(name) or _tokenizer_convention(name, config)
+        tokenizers[name] = load_tokenizer(tokenizer_folders.get(name), convention=convention)
+    return assemble(configs=configs, params=params, scheduler_config=scheduler_config, tokenizers=tokenizers,
+                    projections=projections, dtype=dtype, source=source, **flags)
 
 
 def load_diffusers_folder(folder: Path, *, dtype: Any = jnp.float32, variant: str | None = None) -> Pipeline:
@@ -236,11 +267,34 @@ def load(
     if not folder.exists():
         raise FileNotFoundError(f"no model at {folder}")
     if folder.is_dir():
-        pipe = load_diffusers_folder(folder, dtype=dtype, variant=variant)
-    else:
-        from sdjax.convert.single_file import load_single_file
+        from sdjax import checkpoint
 
-        pipe = load_single_file(folder, dtype=dtype)
+        if checkpoint.is_sdjax_checkpoint(folder):
+            pipe = checkpoint.load_checkpoint(folder, dtype=dtype)
+        else:
+            pipe = load_diffusers_folder(folder, dtype=dtype, variant=variant)
+    else:
+        return load_single_file_pipeline(folder, dtype=dtype, prediction_type=prediction_type)
     if prediction_type is not None:
         pipe = pipe.replace(scheduler=dataclasses.replace(pipe.scheduler, prediction_type=prediction_type))
     return pipe
+
+
+def load_single_file_pipeline(path: Path, *, dtype: Any = jnp.float32, prediction_type: str | None = None,
+                              configs: Any = None) -> Pipeline:
+    """A Pipeline from one .safetensors / .ckpt file in the CompVis / A1111 / ComfyUI layout."""
+    from sdjax.convert.single_file import config_dir, load_single_file
+
+    model = load_single_file(path, prediction_type=prediction_type, configs=configs)
+    index = read_json(config_dir(model.config_name) / "model_index.json")
+    return build_pipeline(
+        configs=model.configs,
+        state_dicts=model.components,
+        scheduler_config=model.scheduler_config,
+        tokenizer_folders={},
+        tokenizer_conventions=model.tokenizers,
+        dtype=dtype,
+        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", False)),
+        requires_aesthetics_score=bool(index.get("requires_aesthetics_score", False)),
+        source=str(path),
+    )
