@@ -93,11 +93,17 @@ def save_checkpoint(pipe: Any, out: str | Path, *, dtype: str | None = None, for
     """Write ``pipe`` as an sdjax checkpoint; ``dtype`` ("float32", "bfloat16", "float16") casts the params."""
     import orbax.checkpoint as ocp
 
+    from sdjax.pipeline import vae_param_dtype
+
     params = pipe.params
     if dtype is not None:
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-        params = jax.tree.map(lambda x: np.asarray(x).astype(DTYPES[dtype]), params)
+        # As when loading: a force_upcast VAE stays float32.
+        targets = {name: vae_param_dtype(pipe.vae.config, DTYPES[dtype]) if name == "vae" else DTYPES[dtype]
+                   for name in params}
+        params = {name: jax.tree.map(lambda x, d=targets[name]: np.asarray(x).astype(d), tree)
+                  for name, tree in params.items()}
     with atomic_folder(out, force=force) as tmp:
         _write_configs(pipe, tmp)
         _write_json(tmp / MARKER, {
