@@ -388,11 +388,19 @@ def _run_on_devices(pipe: Any, plan: Plan, inputs: dict[str, Any], batch: int,
     shared = {k: inputs.pop(k) for k in SHARED_INPUTS if k in inputs}
     batched = jax.device_put(parallel.pad_batch(inputs, size), parallel.batch_sharded(mesh))
     shared = jax.device_put(shared, parallel.replicated(mesh))
-    params = jax.device_put(pipe.params, parallel.replicated(mesh))
+    if mesh not in pipe.device_params:
+        pipe.device_params.clear()  # one placement at a time: params can be gigabytes
+        pipe.device_params[mesh] = jax.device_put(pipe.params, parallel.replicated(mesh))
+    params = pipe.device_params[mesh]
     _progress.update(report=progress, last=-1, total=plan.num_steps)
     try:
         out = _compiled(Model.of(pipe), plan)(params, {**batched, **shared})
         out.block_until_ready()
     finally:
         _progress.update(report=None)
+    if not out.is_fully_addressable:
+        # Several hosts (jax.distributed): every process passed the whole request; gather the images to each.
+        from jax.experimental import multihost_utils
+
+        out = multihost_utils.process_allgather(out, tiled=True)
     return out[:batch]

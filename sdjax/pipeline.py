@@ -52,6 +52,8 @@ class Pipeline:
     force_zeros_for_empty_prompt: bool = False
     requires_aesthetics_score: bool = False
     source: str = ""
+    # Params already placed on a mesh's devices, by mesh (not copied by replace(): new params, new cache).
+    device_params: dict[Any, Any] = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def is_sdxl(self) -> bool:
