@@ -327,10 +327,10 @@ def convert_ldm_unet(weights: Mapping[str, Any], config: Mapping[str, Any]) -> d
             f"UNet config expects in_channels={config['in_channels']}, "
             f"but the checkpoint's input conv takes {conv_in.shape[1]}"
         )
-    return _rename_modules(weights, _unet_modules(config), "UNet")
+    return _rename_modules(weights, unet_module_table(config), "UNet")
 
 
-def _unet_modules(config: Mapping[str, Any]) -> dict[str, tuple[str, Renames]]:
+def unet_module_table(config: Mapping[str, Any]) -> dict[str, tuple[str, Renames]]:
     """The LDM -> diffusers module table for a UNet config.
 
     LDM numbers ``input_blocks`` consecutively: per level, ``layers_per_block`` (resnet[, attention]) pairs, then

@@ -70,6 +70,20 @@ class Pipeline:
     def replace(self, **changes: Any) -> Pipeline:
         return dataclasses.replace(self, **changes)
 
+    def with_lora(self, source: Any, weight: float = 1.0) -> Pipeline:
+        """A new pipeline with a LoRA merged into its params (kohya/A1111 or diffusers/PEFT layout, a path or a
+        state dict); this one is untouched. Chain calls, or use ``sdjax.convert.lora.apply_lora`` for several."""
+        from sdjax.convert.lora import apply_lora
+
+        return apply_lora(self, [(source, weight)])
+
+    def with_embeddings(self, source: Any, *, token: str | None = None) -> Pipeline:
+        """A new pipeline with a textual-inversion embedding added as new token(s) (A1111 .pt/.safetensors,
+        diffusers learned_embeds, SDXL clip_l/clip_g pairs); ``token`` defaults to the file's name."""
+        from sdjax.convert.embeddings import apply_embeddings
+
+        return apply_embeddings(self, source, token=token)
+
     # --- generation (the public API): all three tasks call sdjax.generate.run -----------------------------
 
     def text_to_image(

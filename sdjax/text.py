@@ -18,13 +18,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sdjax.convert.embeddings import expand_tokens
 from sdjax.tokenizer import tokenize
 
 
 def token_ids(pipe: Any, prompts: Sequence[str], encoder: str) -> np.ndarray:
     """Tokenize for one encoder, warning when a prompt is cut at 77 tokens."""
     tokenizer = pipe.text_encoders[encoder].tokenizer
-    ids, cut = tokenize(tokenizer, list(prompts))
+    # Multi-vector textual-inversion tokens stand for several tokens each ("tok" -> "tok tok_1 tok_2").
+    ids, cut = tokenize(tokenizer, [expand_tokens(tokenizer, p) for p in prompts])
     for prompt, n in zip(prompts, cut, strict=True):
         if n:
             short = prompt if len(prompt) <= 60 else prompt[:57] + "..."
