@@ -270,6 +270,7 @@ def load(
     dtype: Any = jnp.float32,
     variant: str | None = None,
     prediction_type: str | None = None,
+    config: str | Path | None = None,
 ) -> Pipeline:
     """Load a model: a diffusers folder, a single-file checkpoint (.safetensors / .ckpt), or an sdjax
     checkpoint folder. With no path, the small default model embedded in sdjax.
@@ -277,7 +278,8 @@ def load(
     ``dtype``: params and compute dtype (float32, bfloat16, float16); sampler arithmetic stays float32 and a
     VAE marked ``force_upcast`` keeps float32. ``variant``: e.g. "fp16" to pick ``*.fp16.safetensors``
     (by default the full-precision files, falling back to fp16 ones). ``prediction_type`` overrides the
-    scheduler's (e.g. "v_prediction" for SD 2.x 768-v single files).
+    scheduler's (e.g. "v_prediction" for SD 2.x 768-v single files). ``config``: for single files, a
+    diffusers-layout folder whose component configs replace the shipped ones of the detected family.
     """
     folder = DEFAULT_MODEL if path is None else Path(path)
     if not folder.exists():
@@ -290,7 +292,7 @@ def load(
         else:
             pipe = load_diffusers_folder(folder, dtype=dtype, variant=variant)
     else:
-        return load_single_file_pipeline(folder, dtype=dtype, prediction_type=prediction_type)
+        return load_single_file_pipeline(folder, dtype=dtype, prediction_type=prediction_type, configs=config)
     if prediction_type is not None:
         pipe = pipe.replace(scheduler=dataclasses.replace(pipe.scheduler, prediction_type=prediction_type))
     return pipe
