@@ -84,14 +84,16 @@ def build(kind: str, seed: int = 0) -> Any:
         ))
         vae = diffusers.AutoencoderKL(**_vae())
         text = CLIPTextModel(CLIPTextConfig(**_clip(**(dict(hidden_act="gelu") if sd2 else {}))))
-        scheduler = diffusers.PNDMScheduler(**{**SD1_SCHEDULER, "prediction_type": "v_prediction" if sd2 else "epsilon"})
+        prediction = "v_prediction" if sd2 else "epsilon"
+        scheduler = diffusers.PNDMScheduler(**{**SD1_SCHEDULER, "prediction_type": prediction})
         cls = diffusers.StableDiffusionInpaintPipeline if kind == "sd1_inpaint" else diffusers.StableDiffusionPipeline
         pipe = cls(vae=vae, text_encoder=text, tokenizer=_hf_tokenizer("openclip" if sd2 else "clip"), unet=unet,
                    scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     elif kind in ("sdxl", "sdxl_refiner"):
         refiner = kind == "sdxl_refiner"
         unet = diffusers.UNet2DConditionModel(**_unet(
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
             transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4), use_linear_projection=True,
             addition_embed_type="text_time", addition_time_embed_dim=8,
             projection_class_embeddings_input_dim=(5 if refiner else 6) * 8 + 32,
@@ -103,8 +105,9 @@ def build(kind: str, seed: int = 0) -> Any:
                                                         if k not in ("skip_prk_steps", "set_alpha_to_one")})
         if refiner:
             pipe = diffusers.StableDiffusionXLImg2ImgPipeline(
-                vae=vae, text_encoder=None, text_encoder_2=text_2, tokenizer=None, tokenizer_2=_hf_tokenizer("openclip"),
-                unet=unet, scheduler=scheduler, requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
+                vae=vae, text_encoder=None, text_encoder_2=text_2, tokenizer=None,
+                tokenizer_2=_hf_tokenizer("openclip"), unet=unet, scheduler=scheduler,
+                requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
         else:
             text = CLIPTextModel(CLIPTextConfig(**_clip()))
             pipe = diffusers.StableDiffusionXLPipeline(
