@@ -86,14 +86,16 @@ def test_export_gives_diffusers_the_same_weights(sd1_folder: Path, tmp_path: Pat
             assert torch.equal(a[key], b[key]), f"{name}.{key}"
 
 
-def test_loading_a_checkpoint_needs_no_torch(sd1_folder: Path, tmp_path: Path) -> None:
+def test_loading_needs_no_torch(sd1_folder: Path, tmp_path: Path) -> None:
+    """An sdjax checkpoint and a safetensors diffusers folder both load with torch unimportable."""
     out = checkpoint.save_checkpoint(sdjax.load(sd1_folder), tmp_path / "ck")
     script = (
         "import sys; sys.modules['torch'] = None\n"  # any `import torch` now fails
         "import sdjax\n"
-        f"pipe = sdjax.load({str(out)!r})\n"
-        "print(sorted(pipe.params))\n"
+        f"for path in ({str(out)!r}, {str(sd1_folder)!r}):\n"
+        "    print(sorted(sdjax.load(path).params))\n"
+        "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "text_encoder" in result.stdout
+    assert result.stdout.count("text_encoder") == 2
