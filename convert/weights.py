@@ -45,10 +45,14 @@ def torch_key_to_path(key: str) -> tuple[str, ...]:
 LITERAL_NAMES = frozenset({"linear_1", "linear_2"})
 
 
+def torch_module_name(module: tuple[str, ...]) -> str:
+    """``("a", "b_0", "c")`` -> ``"a.b.0.c"``: a Flax module path as the PyTorch module name."""
+    return ".".join(name if name in LITERAL_NAMES else re.sub(r"_(\d+)$", r".\1", name) for name in module)
+
+
 def path_to_torch_key(path: tuple[str, ...]) -> str:
     """``("a", "b_0", "c", "kernel")`` -> ``"a.b.0.c.weight"`` (inverse of :func:`torch_key_to_path`)."""
-    module = [name if name in LITERAL_NAMES else re.sub(r"_(\d+)$", r".\1", name) for name in path[:-1]]
-    return ".".join(module + ["bias" if path[-1] == "bias" else "weight"])
+    return torch_module_name(path[:-1]) + (".bias" if path[-1] == "bias" else ".weight")
 
 
 def flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:

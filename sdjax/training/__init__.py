@@ -1,0 +1,1 @@
+"""Training internals; the public API is :mod:`sdjax.train`."""
