@@ -28,15 +28,16 @@ from sdjax import guidance, images, parallel, text
 from sdjax.models.clip import CLIPTextModel
 from sdjax.models.unet import UNet2DConditionModel
 from sdjax.models.vae import AutoencoderKL, sample_latent, scale_latents, unscale_latents
-from sdjax.samplers.loop import (
+from sdjax.samplers import (
+    SAMPLERS,
     add_noise,
     denoising_end_step,
     denoising_start_step,
     img2img_start_step,
     inpaint_post_step,
+    make_schedule,
     sample,
 )
-from sdjax.samplers.registry import SAMPLERS, make_schedule
 from sdjax.samplers.schedules import SchedulerConfig
 
 OUTPUTS = ("np", "pil", "latent")
@@ -134,7 +135,10 @@ def denoise(model: Model, plan: Plan, params: Mapping[str, Any], inputs: Mapping
         latent_mask = mask[:, :: model.vae.config.downsample_factor, :: model.vae.config.downsample_factor]
         latent_mask = latent_mask[:, :h, :w]
         if unet_config.in_channels == channels + channels + 1:
-            masked = _encode_image(model, params, inputs["image"] * (mask < 0.5), _image_keys(keys, 3))
+            # The masked image has the repainted pixels at 0 in [-1, 1] (mid-grey), as diffusers' and as the
+            # inpainting UNets were trained.
+            masked_pixels = jnp.where(mask < 0.5, inputs["image"], 0.5)
+            masked = _encode_image(model, params, masked_pixels, _image_keys(keys, 3))
             extra_channels = jnp.concatenate([latent_mask, masked], axis=-1)
         else:
             blend_step = inpaint_post_step(schedule, init_latents, noise, latent_mask)
@@ -304,7 +308,7 @@ def run(
         if inputs["image"].shape[0] not in (1, batch):
             raise ValueError(f"{inputs['image'].shape[0]} images for {batch} prompts")
         inputs["image"] = np.broadcast_to(inputs["image"], (batch,) + inputs["image"].shape[1:])
-        scale = 1 if task_kind == "latent_image" else f
+        scale = f if task_kind == "latent_image" else 1  # latents are 1/f of the pixel size
         height, width = inputs["image"].shape[1] * scale, inputs["image"].shape[2] * scale
     if task == "inpaint":
         if mask is None:
@@ -316,7 +320,7 @@ def run(
         if m.shape[0] not in (1, batch):
             raise ValueError(f"{m.shape[0]} masks for {batch} prompts")
         inputs["mask"] = np.broadcast_to((m >= 0.5).astype(np.float32), (batch,) + m.shape[1:])
-        height = height or pipe.default_size
+    height = height or pipe.default_size
     width = width or pipe.default_size
     check_size(pipe, height, width)
     latent_size = (height // f, width // f)
@@ -359,7 +363,8 @@ def run(
 
     plan = Plan(sampler=sampler, sigma_schedule=schedule, num_steps=num_steps, latent_size=latent_size,
                 clip_skip=clip_skip, cfg=cfg, zero_uncond=zero_uncond, task=task_kind,
-                start_from_noise=strength == 1.0, denoising_start=denoising_start, denoising_end=denoising_end)
+                start_from_noise=task == "inpaint" and strength == 1.0, denoising_start=denoising_start,
+                denoising_end=denoising_end)
     latents_out = _run_on_devices(pipe, plan, inputs, batch, progress, mesh)
     if output == "latent":
         return np.asarray(latents_out).transpose(0, 3, 1, 2)
