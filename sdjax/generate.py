@@ -73,7 +73,7 @@ class Plan:
     cfg: bool
     zero_uncond: bool
     task: str  # "text", "image", "latent_image" (SDXL refiner hand-off), "inpaint"
-    start_from_noise: bool = True  # inpainting at strength 1 starts from pure noise, as diffusers does
+    start_from_noise: bool = False  # inpainting at strength 1 starts from pure noise, as diffusers does
     denoising_start: float | None = None
     denoising_end: float | None = None
 
@@ -104,19 +104,8 @@ def _image_keys(keys: jax.Array, stream: int) -> jax.Array:
     return jax.vmap(lambda k: jax.random.fold_in(k, stream))(keys)
 
 
-def denoise(model: Model, plan: Plan, params: Mapping[str, Any], inputs: Mapping[str, Any]) -> jax.Array:
-    """Latents (B, h, w, C) NHWC in the VAE's scaled space. Traceable; see :func:`_compiled`."""
-    unet_config = model.unet.config
-    ctx, pooled, uctx, upooled = _encode_prompts(model, plan, params, inputs)
-    keys = inputs["keys"]
-    batch = keys.shape[0]
-    h, w = plan.latent_size
-    channels = model.vae.config.latent_channels
-    noise = inputs.get("noise")
-    if noise is None:
-        noise = jax.vmap(lambda k: jax.random.normal(k, (h, w, channels), jnp.float32))(_image_keys(keys, 0))
-
-    schedule = make_schedule(model.scheduler, plan.sampler, plan.num_steps, plan.sigma_schedule)
+def _start_and_end(plan: Plan, schedule: Any, inputs: Mapping[str, Any]) -> tuple[Any, Any]:
+    """The loop's first and last steps: img2img strength or SDXL's denoising_start / denoising_end."""
     if plan.denoising_start is not None:
         start = denoising_start_step(schedule, plan.denoising_start)
     elif "strength" in inputs:
@@ -124,17 +113,24 @@ def denoise(model: Model, plan: Plan, params: Mapping[str, Any], inputs: Mapping
     else:
         start = 0
     end = None if plan.denoising_end is None else denoising_end_step(schedule, plan.denoising_end)
+    return start, end
 
+
+def _image_conditioning(model: Model, plan: Plan, params: Mapping[str, Any], inputs: Mapping[str, Any],
+                        schedule: Any, noise: jax.Array) -> tuple[Any, Any, Any]:
+    """(clean initial latents, extra UNet input channels, per-step blend) for the image tasks."""
+    keys = inputs["keys"]
     init_latents = extra_channels = blend_step = None
     if plan.task == "latent_image":
         init_latents = inputs["image"]
     elif plan.task in ("image", "inpaint"):
         init_latents = _encode_image(model, params, inputs["image"], _image_keys(keys, 2))
     if plan.task == "inpaint":
+        f = model.vae.config.downsample_factor
+        h, w = plan.latent_size
         mask = inputs["mask"]  # (B, H, W, 1), 1 = repaint
-        latent_mask = mask[:, :: model.vae.config.downsample_factor, :: model.vae.config.downsample_factor]
-        latent_mask = latent_mask[:, :h, :w]
-        if unet_config.in_channels == channels + channels + 1:
+        latent_mask = mask[:, ::f, ::f][:, :h, :w]  # torch's nearest-neighbour downsizing
+        if model.unet.config.in_channels == 2 * model.vae.config.latent_channels + 1:
             # The masked image has the repainted pixels at 0 in [-1, 1] (mid-grey), as diffusers' and as the
             # inpainting UNets were trained.
             masked_pixels = jnp.where(mask < 0.5, inputs["image"], 0.5)
@@ -142,14 +138,15 @@ def denoise(model: Model, plan: Plan, params: Mapping[str, Any], inputs: Mapping
             extra_channels = jnp.concatenate([latent_mask, masked], axis=-1)
         else:
             blend_step = inpaint_post_step(schedule, init_latents, noise, latent_mask)
+    return init_latents, extra_channels, blend_step
 
-    if plan.task == "latent_image":
-        x = init_latents
-    elif init_latents is not None and not (plan.task == "inpaint" and plan.start_from_noise):
-        x = add_noise(schedule, init_latents, noise, start)
-    else:
-        x = noise * schedule.init_noise_sigma
 
+def _guided_model(model: Model, plan: Plan, params: Mapping[str, Any], inputs: Mapping[str, Any],
+                  extra_channels: jax.Array | None) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """``model_fn(x_in, t)`` for the sampler: the UNet with classifier-free guidance (one call on interleaved
+    [uncond, cond] pairs), guidance rescale, and SDXL's / LCM's extra conditioning."""
+    unet_config = model.unet.config
+    ctx, pooled, uctx, upooled = _encode_prompts(model, plan, params, inputs)
     added = {}
     if model.is_sdxl:
         added = {"text_embeds": pooled, "time_ids": inputs["time_ids"]}
@@ -159,7 +156,7 @@ def denoise(model: Model, plan: Plan, params: Mapping[str, Any], inputs: Mapping
     timestep_cond = None
     if unet_config.time_cond_proj_dim is not None:
         emb = guidance.guidance_scale_embedding(inputs["guidance_scale"] - 1.0, unet_config.time_cond_proj_dim)
-        timestep_cond = jnp.broadcast_to(emb, (batch, emb.shape[-1]))
+        timestep_cond = jnp.broadcast_to(emb, (ctx.shape[0], emb.shape[-1]))
     context = guidance.interleave(uctx, ctx) if plan.cfg else ctx
 
     def model_fn(x_in: jax.Array, t: jax.Array) -> jax.Array:
@@ -177,10 +174,32 @@ def denoise(model: Model, plan: Plan, params: Mapping[str, Any], inputs: Mapping
         amount = inputs["guidance_rescale"]
         return jnp.where(amount > 0, guidance.rescale(guided, cond_out, amount), guided)
 
+    return model_fn
+
+
+def denoise(model: Model, plan: Plan, params: Mapping[str, Any], inputs: Mapping[str, Any]) -> jax.Array:
+    """Latents (B, h, w, C) NHWC in the VAE's scaled space. Traceable; see :func:`_compiled`."""
+    keys = inputs["keys"]
+    noise = inputs.get("noise")
+    if noise is None:
+        shape = (*plan.latent_size, model.vae.config.latent_channels)
+        noise = jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(_image_keys(keys, 0))
+    schedule = make_schedule(model.scheduler, plan.sampler, plan.num_steps, plan.sigma_schedule)
+    start, end = _start_and_end(plan, schedule, inputs)
+    init_latents, extra_channels, blend_step = _image_conditioning(model, plan, params, inputs, schedule, noise)
+
+    if plan.task == "latent_image":
+        x = init_latents  # SDXL refiner hand-off: the base's latents, already at this step's noise level
+    elif init_latents is not None and not plan.start_from_noise:
+        x = add_noise(schedule, init_latents, noise, start)
+    else:
+        x = noise * schedule.init_noise_sigma
+
     def post_step(i: jax.Array, x: jax.Array) -> jax.Array:
         jax.debug.callback(_report_progress, i)
         return x if blend_step is None else blend_step(i, x)
 
+    model_fn = _guided_model(model, plan, params, inputs, extra_channels)
     return sample(model_fn, x, schedule, keys=_image_keys(keys, 1), eta=inputs.get("eta"), start_step=start,
                   end_step=end, post_step=post_step)
 
