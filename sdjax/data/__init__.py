@@ -1,0 +1,1 @@
+"""Datasets for training and checking sdjax models (synthetic, generated on the fly, no downloads)."""
