@@ -21,7 +21,7 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 
 # Generate images with the embedded default model (no checkpoint, no torch needed).
 demo: $(VENV)/.installed-base
-	$(BIN)/sdjax generate --prompt "a red circle on a blue background" -n 8 --seed 0 --out outputs/demo
+	$(BIN)/sdjax generate --prompt "a red circle on a blue background" -n 8 --seed 0 --out outputs/demo --grid
 
 # Lint and run the whole test suite (installs torch==2.13.0 and diffusers as references).
 test: $(VENV)/.installed-test
