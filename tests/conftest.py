@@ -35,6 +35,18 @@ class Tiny:
     folder: Path
     scheduler_config: dict[str, Any]  # as saved: what sdjax reads and what diffusers' swapped schedulers start from
 
+    def fresh_torch(self) -> Any:
+        """A new PyTorch pipeline from the folder, for tests that change it (LoRA loading, embeddings)."""
+        pipe = type(self.torch_pipe).from_pretrained(self.folder)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def torch_shape(self, component: str, module: str) -> tuple[int, ...]:
+        state = getattr(self.torch_pipe, component).state_dict()
+        # transformers >= 5.6 names CLIPTextModel's weights without the "text_model." prefix.
+        key = module + ".weight" if module + ".weight" in state else module.removeprefix("text_model.") + ".weight"
+        return tuple(state[key].shape)
+
 
 def deterministic_vae(torch_pipe: Any) -> None:
     """Make the VAE posterior (nearly) a point mass: log-variance channels of quant_conv biased to -28."""

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,34 +13,22 @@ torch = pytest.importorskip("torch")
 import jax.numpy as jnp  # noqa: E402
 
 from sdjax.convert.embeddings import EmbeddingError, apply_embeddings, expand_prompt  # noqa: E402
-from sdjax.pipeline import load_diffusers_folder  # noqa: E402
 from sdjax.tokenizer import tokenize  # noqa: E402
-from tests.reference import lora_writer, tiny_pipelines  # noqa: E402
+from tests.conftest import Tiny  # noqa: E402
+from tests.reference import lora_writer  # noqa: E402
 
 WIDTH = 32  # the tiny CLIP encoders' hidden size
 PROMPT = "a photo of {} on a beach"
 
 
-class Tiny:
-    def __init__(self, kind: str, folder: Path):
-        self.folder = folder
-        self.torch = tiny_pipelines.save(kind, folder)
-        self.sdjax = load_diffusers_folder(folder)
-
-    def fresh_torch(self) -> Any:
-        pipe = type(self.torch).from_pretrained(self.folder)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
+@pytest.fixture(scope="module")
+def sd1(tiny) -> Tiny:
+    return tiny("sd1")
 
 
 @pytest.fixture(scope="module")
-def sd1(tmp_path_factory) -> Tiny:
-    return Tiny("sd1", tmp_path_factory.mktemp("sd1"))
-
-
-@pytest.fixture(scope="module")
-def sdxl(tmp_path_factory) -> Tiny:
-    return Tiny("sdxl", tmp_path_factory.mktemp("sdxl"))
+def sdxl(tiny) -> Tiny:
+    return tiny("sdxl")
 
 
 def _vectors(n: int, seed: int, width: int = WIDTH) -> np.ndarray:
@@ -92,9 +79,9 @@ def test_sd1_a1111_and_diffusers_embeddings_match_diffusers(sd1, tmp_path):
     multi = lora_writer.a1111_pt(tmp_path / "style.pt", "<my-style>", _vectors(3, 0))
     single = lora_writer.diffusers_embeds(tmp_path / "learned_embeds.safetensors", "<cat-toy>", _vectors(1, 1)[0])
     a1111_st = lora_writer.a1111_safetensors(tmp_path / "bad-hands.safetensors", _vectors(2, 2))
-    before = _snapshot(sd1.sdjax)
+    before = _snapshot(sd1.pipe)
 
-    ours = apply_embeddings(sd1.sdjax, multi)  # token from the file's "name"
+    ours = apply_embeddings(sd1.pipe, multi)  # token from the file's "name"
     ours = apply_embeddings(ours, single)  # token from the key
     ours = apply_embeddings(ours, a1111_st, token="<bad>")
     theirs = sd1.fresh_torch()
@@ -102,7 +89,7 @@ def test_sd1_a1111_and_diffusers_embeddings_match_diffusers(sd1, tmp_path):
     theirs.load_textual_inversion(str(single))
     theirs.load_textual_inversion({"<bad>": torch.from_numpy(_vectors(2, 2))})
 
-    _assert_unchanged(sd1.sdjax, before)
+    _assert_unchanged(sd1.pipe, before)
     assert ours.text_encoders["text_encoder"].module.config.vocab_size == 49408 + 6
     prompt = PROMPT.format("<my-style> <cat-toy> and <bad>")
     assert expand_prompt(ours, prompt) == PROMPT.format(
@@ -123,15 +110,15 @@ def test_sd1_a1111_and_diffusers_embeddings_match_diffusers(sd1, tmp_path):
 def test_sdxl_pair_matches_diffusers(sdxl, tmp_path):
     clip_l, clip_g = _vectors(2, 3), _vectors(2, 4)
     path = lora_writer.sdxl_pair(tmp_path / "unaesthetic-xl.safetensors", clip_l, clip_g)
-    before = _snapshot(sdxl.sdjax)
-    ours = apply_embeddings(sdxl.sdjax, path)  # token from the file name
+    before = _snapshot(sdxl.pipe)
+    ours = apply_embeddings(sdxl.pipe, path)  # token from the file name
     theirs = sdxl.fresh_torch()  # diffusers' documented way: once per encoder
     theirs.load_textual_inversion(torch.from_numpy(clip_g), token="unaesthetic-xl", text_encoder=theirs.text_encoder_2,
                                   tokenizer=theirs.tokenizer_2)
     theirs.load_textual_inversion(torch.from_numpy(clip_l), token="unaesthetic-xl", text_encoder=theirs.text_encoder,
                                   tokenizer=theirs.tokenizer)
 
-    _assert_unchanged(sdxl.sdjax, before)
+    _assert_unchanged(sdxl.pipe, before)
     prompt = PROMPT.format("unaesthetic-xl")
     ids = _sdjax_ids(ours, prompt)
     for name, tokenizer in (("text_encoder", theirs.tokenizer), ("text_encoder_2", theirs.tokenizer_2)):
@@ -147,31 +134,31 @@ def test_sdxl_pair_matches_diffusers(sdxl, tmp_path):
 
 def test_errors(sd1, sdxl, tmp_path):
     with pytest.raises(EmbeddingError, match="width 48, but text_encoder embeds tokens with width 32"):
-        apply_embeddings(sd1.sdjax, {"<wide>": _vectors(1, 5, width=48)})
+        apply_embeddings(sd1.pipe, {"<wide>": _vectors(1, 5, width=48)})
     with pytest.raises(EmbeddingError, match=r"\['<\|endoftext\|>'\] already in its vocabulary"):
-        apply_embeddings(sd1.sdjax, {"<|endoftext|>": _vectors(1, 5)})
-    added = apply_embeddings(sd1.sdjax, {"<dup>": _vectors(2, 5)})
+        apply_embeddings(sd1.pipe, {"<|endoftext|>": _vectors(1, 5)})
+    added = apply_embeddings(sd1.pipe, {"<dup>": _vectors(2, 5)})
     with pytest.raises(EmbeddingError, match="already in its vocabulary"):
         apply_embeddings(added, {"<dup>": _vectors(1, 6)})
     with pytest.raises(EmbeddingError, match="unknown textual-inversion format"):
-        apply_embeddings(sd1.sdjax, {"a": _vectors(1, 5), "b": _vectors(1, 5)})
+        apply_embeddings(sd1.pipe, {"a": _vectors(1, 5), "b": _vectors(1, 5)})
     with pytest.raises(EmbeddingError, match="SDXL embedding .* not SDXL"):
-        apply_embeddings(sd1.sdjax, {"clip_l": _vectors(1, 5), "clip_g": _vectors(1, 5)}, token="<xl>")
+        apply_embeddings(sd1.pipe, {"clip_l": _vectors(1, 5), "clip_g": _vectors(1, 5)}, token="<xl>")
     with pytest.raises(EmbeddingError, match="SDXL needs an embedding with clip_l and clip_g"):
-        apply_embeddings(sdxl.sdjax, {"<one>": _vectors(1, 5)})
+        apply_embeddings(sdxl.pipe, {"<one>": _vectors(1, 5)})
     with pytest.raises(EmbeddingError, match="pass token="):
-        apply_embeddings(sd1.sdjax, {"emb_params": _vectors(1, 5)})
+        apply_embeddings(sd1.pipe, {"emb_params": _vectors(1, 5)})
     with pytest.raises(EmbeddingError, match="shape"):
-        apply_embeddings(sd1.sdjax, {"<cube>": np.zeros((1, 2, WIDTH), np.float32)})
+        apply_embeddings(sd1.pipe, {"<cube>": np.zeros((1, 2, WIDTH), np.float32)})
     png = tmp_path / "not_an_embedding.pt"
     png.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
     with pytest.raises(EmbeddingError, match="PNG"):
-        apply_embeddings(sd1.sdjax, png)
+        apply_embeddings(sd1.pipe, png)
 
 
 def test_expand_prompt_finds_tokens_as_the_tokenizer_does(sd1, tmp_path):
     path = lora_writer.a1111_safetensors(tmp_path / "EasyNegative.safetensors", _vectors(3, 7))
-    ours = apply_embeddings(sd1.sdjax, path)  # token from the file name, capitals kept
+    ours = apply_embeddings(sd1.pipe, path)  # token from the file name, capitals kept
     tokenizer = ours.text_encoders["text_encoder"].tokenizer
     assert tokenizer.convert_tokens_to_ids(["EasyNegative", "EasyNegative_1", "EasyNegative_2"]) == [49408, 49409,
                                                                                                        49410]
@@ -184,6 +171,6 @@ def test_expand_prompt_finds_tokens_as_the_tokenizer_does(sd1, tmp_path):
     assert ids[:5] == [49406, 49408, 49409, 49410, 267]  # start, the three vectors, ","
     assert ids.count(49408) == ids.count(49409) == ids.count(49410) == 2
     assert expand_prompt(ours, "a plain prompt") == "a plain prompt"
-    assert expand_prompt(sd1.sdjax, prompt) == prompt  # the original pipeline has no such token
+    assert expand_prompt(sd1.pipe, prompt) == prompt  # the original pipeline has no such token
     with pytest.raises(ValueError, match="unknown text encoder 'text_encoder_2'"):
         expand_prompt(ours, prompt, "text_encoder_2")

@@ -16,40 +16,20 @@ from sdjax.convert.clip import convert_clip_text  # noqa: E402
 from sdjax.convert.lora import LoraError, apply_lora  # noqa: E402
 from sdjax.convert.unet import convert_unet  # noqa: E402
 from sdjax.convert.weights import flatten  # noqa: E402
-from sdjax.pipeline import load_diffusers_folder  # noqa: E402
+from tests.conftest import Tiny  # noqa: E402
 from tests.reference import lora_writer, tiny_pipelines  # noqa: E402
 
 ATOL = 1e-6
 
 
-class Tiny:
-    """A tiny diffusers pipeline saved to a folder, and the sdjax Pipeline loaded from it."""
-
-    def __init__(self, kind: str, folder: Path):
-        self.kind, self.folder = kind, folder
-        self.torch = tiny_pipelines.save(kind, folder)
-        self.sdjax = load_diffusers_folder(folder)
-
-    def fresh_torch(self) -> Any:
-        pipe = type(self.torch).from_pretrained(self.folder)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
-
-    def torch_shape(self, component: str, module: str) -> tuple[int, ...]:
-        state = getattr(self.torch, component).state_dict()
-        # transformers >= 5.6 names CLIPTextModel's weights without the "text_model." prefix.
-        key = module + ".weight" if module + ".weight" in state else module.removeprefix("text_model.") + ".weight"
-        return tuple(state[key].shape)
+@pytest.fixture(scope="module")
+def sd1(tiny) -> Tiny:
+    return tiny("sd1")
 
 
 @pytest.fixture(scope="module")
-def sd1(tmp_path_factory) -> Tiny:
-    return Tiny("sd1", tmp_path_factory.mktemp("sd1"))
-
-
-@pytest.fixture(scope="module")
-def sdxl(tmp_path_factory) -> Tiny:
-    return Tiny("sdxl", tmp_path_factory.mktemp("sdxl"))
+def sdxl(tiny) -> Tiny:
+    return tiny("sdxl")
 
 
 def _numpy_state_dict(model: Any) -> dict[str, np.ndarray]:
@@ -66,8 +46,8 @@ def _diffusers_fused(tiny: Tiny, files: list[tuple[Path, float]]) -> dict[str, A
     pipe.set_adapters(names, adapter_weights=[w for _, w in files])
     pipe.fuse_lora(adapter_names=names)
     pipe.unload_lora_weights()
-    params = {"unet": convert_unet(_numpy_state_dict(pipe.unet), tiny.sdjax.unet.config)}
-    for name, encoder in tiny.sdjax.text_encoders.items():
+    params = {"unet": convert_unet(_numpy_state_dict(pipe.unet), tiny.pipe.unet.config)}
+    for name, encoder in tiny.pipe.text_encoders.items():
         params[name] = convert_clip_text(_numpy_state_dict(getattr(pipe, name)), encoder.config,
                                          with_projection=encoder.module.with_projection)
     return params
@@ -95,7 +75,7 @@ def _snapshot(params: dict[str, Any]) -> dict[tuple[str, ...], np.ndarray]:
 
 
 def _parity(tiny: Tiny, files: list[tuple[Path, float]], expect_changed: int) -> None:
-    original = tiny.sdjax
+    original = tiny.pipe
     before = _snapshot(original.params)
     merged = apply_lora(original, [(str(path), weight) for path, weight in files])
     reference = _diffusers_fused(tiny, files)
@@ -180,9 +160,9 @@ def test_old_diffusers_layouts_equal_kohya(sd1):
                       ("lora.up.weight", "processor.to_q_lora.up.weight"), ("alpha", "processor.to_q_lora.alpha")):
         value = old.pop(f"unet.{q}.to_q.{part}")
         old[f"{q}.{new}" if part != "alpha" else f"unet.{q}.to_q.alpha"] = value
-    want = apply_lora(sd1.sdjax, [(kohya, 0.8)]).params
-    got = apply_lora(sd1.sdjax, [(old, 0.8)]).params
-    assert len(_changed(sd1.sdjax.params, want)) == len(SD1_KOHYA_A)
+    want = apply_lora(sd1.pipe, [(kohya, 0.8)]).params
+    got = apply_lora(sd1.pipe, [(old, 0.8)]).params
+    assert len(_changed(sd1.pipe.params, want)) == len(SD1_KOHYA_A)
     for component in want:
         for path, value in flatten(want[component]).items():
             np.testing.assert_array_equal(np.asarray(flatten(got[component])[path]), value)
@@ -193,8 +173,8 @@ def test_merge_formula_by_hand(sd1):
     names = ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k",
              "lora_unet_down_blocks_0_resnets_0_conv1")
     lora = _kohya(sd1, {k: SD1_KOHYA_A[k] for k in names}, rank=4, alpha=6.0, seed=6)
-    merged = apply_lora(sd1.sdjax, [(lora, 0.5)]).params["unet"]
-    base = sd1.sdjax.params["unet"]
+    merged = apply_lora(sd1.pipe, [(lora, 0.5)]).params["unet"]
+    base = sd1.pipe.params["unet"]
     k = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
     delta = lora[f"{k}.lora_up.weight"] @ lora[f"{k}.lora_down.weight"]
     attn = ("down_blocks_0", "attentions_0", "transformer_blocks_0", "attn2", "to_k", "kernel")
@@ -254,7 +234,7 @@ def test_sdxl_lora_into_sd1_fails_clearly(sd1, sdxl, tmp_path):
     path = lora_writer.save_safetensors(_kohya(sdxl, SDXL_KOHYA_SGM, rank=2, alpha=None, seed=9),
                                         tmp_path / "xl.safetensors")
     with pytest.raises(LoraError) as info:
-        apply_lora(sd1.sdjax, [(path, 1.0)])
+        apply_lora(sd1.pipe, [(path, 1.0)])
     message = str(info.value)
     assert "second text encoder (text_encoder_2), which this model does not have" in message
     assert "lora_te2_text_model_encoder_layers_0_mlp_fc2" in message
@@ -267,7 +247,7 @@ def test_sdxl_lora_into_sd1_fails_clearly(sd1, sdxl, tmp_path):
 def test_sd1_lora_into_sdxl_fails_clearly(sd1, sdxl):
     lora = _kohya(sd1, SD1_KOHYA_A, rank=2, alpha=None, seed=10)
     with pytest.raises(LoraError, match="modules this model does not have") as info:
-        apply_lora(sdxl.sdjax, [(lora, 1.0)])
+        apply_lora(sdxl.pipe, [(lora, 1.0)])
     assert "down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q" in str(info.value)
 
 
@@ -275,34 +255,34 @@ def test_shape_mismatch_is_reported(sd1):
     lora = lora_writer.kohya_lora({"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k": (32, 64)},
                                   rank=2, alpha=None, seed=11)
     with pytest.raises(LoraError, match=r"shape \(32, 64\).*kernel is \(32, 32\)"):
-        apply_lora(sd1.sdjax, [(lora, 1.0)])
+        apply_lora(sd1.pipe, [(lora, 1.0)])
 
 
 def test_not_a_lora_file(sd1):
     unet_file = sd1.folder / "unet" / "diffusion_pytorch_model.safetensors"
     with pytest.raises(LoraError, match="is not a LoRA file"):
-        apply_lora(sd1.sdjax, [(unet_file, 1.0)])
+        apply_lora(sd1.pipe, [(unet_file, 1.0)])
 
 
 def test_unknown_keys_missing_halves_and_variants(sd1):
     good = _kohya(sd1, {k: SD1_KOHYA_A[k] for k in list(SD1_KOHYA_A)[:2]}, rank=2, alpha=None, seed=12)
     with pytest.raises(LoraError, match="not LoRA weights.*some.random.tensor"):
-        apply_lora(sd1.sdjax, [({**good, "some.random.tensor": np.zeros(3)}, 1.0)])
+        apply_lora(sd1.pipe, [({**good, "some.random.tensor": np.zeros(3)}, 1.0)])
     half = {k: v for k, v in good.items() if not k.endswith("lora_up.weight")}
     with pytest.raises(LoraError, match="no lora_up/lora_B weight"):
-        apply_lora(sd1.sdjax, [(half, 1.0)])
+        apply_lora(sd1.pipe, [(half, 1.0)])
     name = next(iter(good)).split(".")[0]
     with pytest.raises(LoraError, match="unsupported LoRA variant \\(DoRA\\)"):
-        apply_lora(sd1.sdjax, [({**good, f"{name}.dora_scale": np.ones((1, 32))}, 1.0)])
+        apply_lora(sd1.pipe, [({**good, f"{name}.dora_scale": np.ones((1, 32))}, 1.0)])
     with pytest.raises(LoraError, match="holds no weights"):
-        apply_lora(sd1.sdjax, [({}, 1.0)])
+        apply_lora(sd1.pipe, [({}, 1.0)])
 
 
 def test_bad_arguments(sd1):
     with pytest.raises(TypeError, match="sequence of \\(source, weight\\) pairs"):
-        apply_lora(sd1.sdjax, ("x.safetensors", 1.0))
+        apply_lora(sd1.pipe, ("x.safetensors", 1.0))
     with pytest.raises(TypeError, match="weight must be a number"):
-        apply_lora(sd1.sdjax, [("x.safetensors", "1")])
+        apply_lora(sd1.pipe, [("x.safetensors", "1")])
     # No LoRA at all: the same params, a new Pipeline.
-    same = apply_lora(sd1.sdjax, [])
-    assert all(same.params[c] is sd1.sdjax.params[c] for c in sd1.sdjax.params) and same is not sd1.sdjax
+    same = apply_lora(sd1.pipe, [])
+    assert all(same.params[c] is sd1.pipe.params[c] for c in sd1.pipe.params) and same is not sd1.pipe
