@@ -10,6 +10,7 @@ Bad input gives one message and exit status 2, before anything is written; image
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -261,6 +262,8 @@ def _call(method: Any, *args: Any, first: int, **kwargs: Any) -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # transformers is only our tokenizer here; its notice that PyTorch is missing is noise on the command line.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     parser = _build_parser()
     args = parser.parse_args(argv)
     from sdjax.convert.safe_load import CheckpointError
