@@ -21,6 +21,9 @@ class Step(NamedTuple):
     multistep samplers warm up from it, as diffusers' counters do after ``set_begin_index``).
     ``sched``: the schedule, arrays as jax arrays. ``eta``: float32 scalar (stochastic samplers).
     ``noise(j)``: the j-th standard-normal draw of this step, shaped like x; None when no keys were given.
+    ``post(x)``: the caller's per-step hook (e.g. inpainting's blend) at this step; second-order samplers apply
+    it to their intermediate latents before the second evaluation too, as diffusers' pipelines do after every
+    scheduler call.
     """
 
     i: jax.Array
@@ -29,6 +32,7 @@ class Step(NamedTuple):
     denoise: Denoiser
     eta: jax.Array
     noise: Callable[[int], jax.Array] | None
+    post: Callable[[jax.Array], jax.Array] = lambda x: x
 
     @property
     def is_last(self) -> jax.Array:

@@ -45,7 +45,8 @@ def heun(s: Step, x: jax.Array, state: State) -> tuple[jax.Array, State]:
     x_euler = x + d * dt
 
     def correct() -> jax.Array:
-        d2 = (x_euler - s.denoise(x_euler, sigma_next, s.sched.extra["t_next"][s.i])) / sigma_next
+        x_pred = s.post(x_euler)
+        d2 = (x_pred - s.denoise(x_pred, sigma_next, s.sched.extra["t_next"][s.i])) / sigma_next
         return x + (d + d2) / 2 * dt
 
     return lax.cond(s.is_last, lambda: x_euler, correct), state
@@ -58,7 +59,7 @@ def dpm2(s: Step, x: jax.Array, state: State) -> tuple[jax.Array, State]:
 
     def midpoint() -> jax.Array:
         sigma_mid = s.sched.extra["sigma_mid"][s.i]
-        x_mid = x + d * (sigma_mid - sigma)
+        x_mid = s.post(x + d * (sigma_mid - sigma))
         d_mid = (x_mid - s.denoise(x_mid, sigma_mid, s.sched.extra["t_mid"][s.i])) / sigma_mid
         return x + d_mid * (sigma_next - sigma)
 
@@ -105,7 +106,7 @@ def dpmpp_sde(s: Step, x: jax.Array, state: State) -> tuple[jax.Array, State]:
         z1, z2 = s.draw(0), s.draw(1)
         d1, d2 = sigma - sigma_mid, sigma - sigma_next
         n2 = (d1**0.5 * z1 + (d2 - d1) ** 0.5 * z2) / d2**0.5
-        x_mid = _exp_ancestral(x, x0, sigma, sigma_mid, s.eta, z1)
+        x_mid = s.post(_exp_ancestral(x, x0, sigma, sigma_mid, s.eta, z1))
         x0_mid = s.denoise(x_mid, sigma_mid, s.sched.extra["t_mid"][s.i])
         return _exp_ancestral(x, x0_mid, sigma, sigma_next, s.eta, n2)
 

@@ -49,7 +49,9 @@ def sample(model_fn: ModelFn, x: jax.Array, schedule: Schedule, *, keys: jax.Arr
     noise depends on its own key and the step index only, never on batch size or device count.
     ``eta``: ancestral noise scale (DDIM: default 0; Euler a, DPM++ SDE, DPM++ 2M SDE: default 1); ignored by
     the deterministic samplers.
-    ``post_step(i, x) -> x``: called after each step i (e.g. :func:`inpaint_post_step`).
+    ``post_step(i, x) -> x``: called after each step i (e.g. :func:`inpaint_post_step`), and by the
+    second-order samplers (Heun, DPM2, DPM++ SDE) on their intermediate latents before the second evaluation,
+    as diffusers' pipelines apply their per-step blend after every scheduler call.
 
     One ``lax.fori_loop`` whose carry is ``(x, sampler_state)``; the keys are not carried since the noise
     is a function of (key, step). Jittable: the schedule's sampler, prediction type and step count are
@@ -71,10 +73,9 @@ def sample(model_fn: ModelFn, x: jax.Array, schedule: Schedule, *, keys: jax.Arr
     def body(i: jax.Array, carry: tuple) -> tuple:
         x, state = carry
         noise = None if keys is None else (lambda j: image_normal(keys, x.shape[1:], i, j))
-        x, state = spec.step(Step(i, i - start, sched, denoiser, eta, noise), x, state)
-        if post_step is not None:
-            x = jnp.asarray(post_step(i, x), jnp.float32)
-        return x, state
+        post = (lambda y: jnp.asarray(post_step(i, y), jnp.float32)) if post_step is not None else (lambda y: y)
+        x, state = spec.step(Step(i, i - start, sched, denoiser, eta, noise, post), x, state)
+        return post(x), state
 
     x, _ = lax.fori_loop(start, end, body, (x, spec.init_state(x)))
     return x
