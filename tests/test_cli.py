@@ -99,3 +99,11 @@ def test_convert_and_export(sd1_folder: Path, tmp_path: Path, capsys) -> None:
     assert (tmp_path / "diffusers" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     code, _, err = _run(capsys, "convert", str(tmp_path / "missing.safetensors"), str(tmp_path / "x"))
     assert code == 2 and "missing.safetensors" in err and not (tmp_path / "x").exists()
+    # A truncated single file and a file that is not a checkpoint: one message each, nothing written.
+    weights = (sd1_folder / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(weights[: len(weights) // 2])
+    (tmp_path / "notes.ckpt").write_text("not a checkpoint")
+    for name in ("cut.safetensors", "notes.ckpt"):
+        code, _, err = _run(capsys, "convert", str(tmp_path / name), str(tmp_path / "y"))
+        assert code == 2 and name in err and err.count("\n") == 1, err
+        assert not (tmp_path / "y").exists()
