@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import shutil
 import time
 from collections.abc import Callable, Mapping
@@ -41,7 +40,7 @@ import numpy as np
 import optax
 
 import sdjax  # noqa: F401  (applies sdjax's XLA flags before JAX starts)
-from sdjax.convert.weights import flatten, from_flax_params
+from sdjax import checkpoint
 from sdjax.data import shapes
 from sdjax.models.clip import CLIPTextConfig, CLIPTextModel
 from sdjax.models.unet import UNet2DConditionModel, UNetConfig
@@ -316,16 +315,9 @@ def train_unet(unet_cfg: UNetConfig, text_cfg: CLIPTextConfig, scheduler: Schedu
 # --- saving as a diffusers folder -----------------------------------------------------------------------------------
 
 # sdjax runs these PyTorch 1x1 convolutions as Dense layers; diffusers stores them as (out, in, 1, 1).
-_CONV_1X1 = ("conv_shortcut", "quant_conv", "post_quant_conv")
-
-
 def torch_state_dict(params: Mapping[str, Any], dtype: Any = np.float16) -> dict[str, np.ndarray]:
-    shapes_1x1 = {}
-    for path, value in flatten(params).items():
-        if path[-1] == "kernel" and value.ndim == 2 and path[-2] in _CONV_1X1:
-            key = ".".join([re.sub(r"_(\d+)$", r".\1", p) for p in path[:-1]] + ["weight"])
-            shapes_1x1[key] = (value.shape[1], value.shape[0], 1, 1)
-    state = from_flax_params(jax.device_get(params), torch_shapes=shapes_1x1)
+    # The default UNet uses linear projections, so only the shortcut / quant convs are 1x1 convs in PyTorch.
+    state = checkpoint.torch_state_dict(jax.device_get(params))
     return {k: np.ascontiguousarray(v.astype(dtype)) for k, v in state.items()}
 
 

@@ -148,18 +148,18 @@ def load_checkpoint(folder: str | Path, *, dtype: Any = jnp.float32) -> Any:
 _POINTWISE_CONVS = frozenset({"conv_shortcut", "quant_conv", "post_quant_conv"})
 
 
-def _torch_shapes(name: str, pipe: Any) -> dict[str, tuple[int, ...]]:
-    """PyTorch shapes of the Dense kernels that diffusers stores as 1x1 convolutions."""
-    pointwise = set(_POINTWISE_CONVS)
-    if name == "unet" and not pipe.unet.config.use_linear_projection:
-        pointwise |= {"proj_in", "proj_out"}
-    shapes: dict[str, tuple[int, ...]] = {}
-    if name not in ("unet", "vae"):
-        return shapes
-    for path, value in flatten(pipe.params[name]).items():
-        if path[-1] == "kernel" and np.ndim(value) == 2 and len(path) > 1 and path[-2] in pointwise:
-            shapes[path_to_torch_key(path)] = (value.shape[1], value.shape[0], 1, 1)
-    return shapes
+def torch_state_dict(params: Any, *, conv_projections: bool = False) -> dict[str, np.ndarray]:
+    """A UNet's, VAE's or text encoder's params as a diffusers/transformers state dict (PyTorch names and
+    layouts). Dense kernels that diffusers stores as 1x1 convolutions get their 4-D shape back;
+    ``conv_projections``: a UNet without ``use_linear_projection`` (its proj_in/proj_out are convs too)."""
+    pointwise = _POINTWISE_CONVS | ({"proj_in", "proj_out"} if conv_projections else set())
+    shapes = {path_to_torch_key(path): (value.shape[1], value.shape[0], 1, 1)
+              for path, value in flatten(params).items()
+              if path[-1] == "kernel" and np.ndim(value) == 2 and len(path) > 1 and path[-2] in pointwise}
+    state = from_flax_params(params, torch_shapes=shapes)
+    # safetensors' numpy writer has no bfloat16: such params are written as float32.
+    return {k: np.ascontiguousarray(np.asarray(v, np.float32) if v.dtype == jnp.bfloat16 else v)
+            for k, v in state.items()}
 
 
 def export_diffusers(pipe: Any, out: str | Path, *, force: bool = False) -> Path:
@@ -179,9 +179,8 @@ def export_diffusers(pipe: Any, out: str | Path, *, force: bool = False) -> Path
         else:
             index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
         for name in ("unet", "vae", *pipe.text_encoders):
-            state = from_flax_params(pipe.params[name], torch_shapes=_torch_shapes(name, pipe))
-            state = {k: np.ascontiguousarray(np.asarray(v, np.float32) if v.dtype == jnp.bfloat16 else v)
-                     for k, v in state.items()}
+            conv_projections = name == "unet" and not pipe.unet.config.use_linear_projection
+            state = torch_state_dict(pipe.params[name], conv_projections=conv_projections)
             if name in pipe.text_encoders:
                 arch = "CLIPTextModelWithProjection" if pipe.text_encoders[name].module.with_projection \
                     else "CLIPTextModel"
