@@ -29,6 +29,7 @@ import numpy as np
 
 from sdjax.convert.weights import flatten, from_flax_params, path_to_torch_key
 from sdjax.models.config import ConfigError, read_json
+from sdjax.pipeline import TEXT_ENCODERS, TOKENIZER_FOR, assemble, vae_param_dtype
 
 MARKER = "sdjax_model.json"
 FORMAT_VERSION = 1
@@ -86,14 +87,12 @@ def _write_configs(pipe: Any, folder: Path) -> None:
     scheduler = {"_class_name": "EulerDiscreteScheduler", **dataclasses.asdict(pipe.scheduler)}
     _write_json(folder / "scheduler" / "scheduler_config.json", scheduler)
     for name, encoder in pipe.text_encoders.items():
-        encoder.tokenizer.save_pretrained(str(folder / ("tokenizer" if name == "text_encoder" else "tokenizer_2")))
+        encoder.tokenizer.save_pretrained(str(folder / TOKENIZER_FOR[name]))
 
 
 def save_checkpoint(pipe: Any, out: str | Path, *, dtype: str | None = None, force: bool = False) -> Path:
     """Write ``pipe`` as an sdjax checkpoint; ``dtype`` ("float32", "bfloat16", "float16") casts the params."""
     import orbax.checkpoint as ocp
-
-    from sdjax.pipeline import vae_param_dtype
 
     params = pipe.params
     if dtype is not None:
@@ -121,7 +120,6 @@ def save_checkpoint(pipe: Any, out: str | Path, *, dtype: str | None = None, for
 def load_checkpoint(folder: str | Path, *, dtype: Any = jnp.float32) -> Any:
     import orbax.checkpoint as ocp
 
-    from sdjax.pipeline import TEXT_ENCODERS, assemble, vae_param_dtype
     from sdjax.tokenizer import load_tokenizer
 
     folder = Path(folder).absolute()
@@ -136,7 +134,7 @@ def load_checkpoint(folder: str | Path, *, dtype: Any = jnp.float32) -> Any:
     vae_dtype = vae_param_dtype(VAEConfig.from_dict(configs["vae"]), dtype)
     params = {name: jax.tree.map(lambda x, d=(vae_dtype if name == "vae" else dtype): np.asarray(x).astype(d),
                                  tree) for name, tree in params.items()}
-    tokenizers = {name: load_tokenizer(folder / ("tokenizer" if name == "text_encoder" else "tokenizer_2"),
+    tokenizers = {name: load_tokenizer(folder / TOKENIZER_FOR[name],
                                        convention="clip") for name in meta["projections"]}
     return assemble(configs=configs, params=params, scheduler_config=read_json(folder / "scheduler" /
                     "scheduler_config.json"), tokenizers=tokenizers, projections=meta["projections"], dtype=dtype,
@@ -185,8 +183,7 @@ def export_diffusers(pipe: Any, out: str | Path, *, force: bool = False) -> Path
                 arch = "CLIPTextModelWithProjection" if pipe.text_encoders[name].module.with_projection \
                     else "CLIPTextModel"
                 index[name] = ["transformers", arch]
-                tok = "tokenizer" if name == "text_encoder" else "tokenizer_2"
-                index[tok] = ["transformers", "CLIPTokenizer"]
+                index[TOKENIZER_FOR[name]] = ["transformers", "CLIPTokenizer"]
                 file = tmp / name / "model.safetensors"
             else:
                 file = tmp / name / "diffusion_pytorch_model.safetensors"
