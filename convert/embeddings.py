@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from sdjax.convert.safe_load import CheckpointError, read_state_dict
+from sdjax.convert.safe_load import CheckpointError, is_torch_pickle, load_pickle, read_state_dict
 
 __all__ = ["EmbeddingError", "apply_embeddings", "expand_prompt", "expand_tokens", "read_embedding"]
 
@@ -43,31 +43,20 @@ class EmbeddingError(ValueError):
 # --- reading -----------------------------------------------------------------------------------------------------
 
 
-def _is_torch_pickle(path: Path) -> bool:
-    with path.open("rb") as f:
-        head = f.read(2)
-    return head == b"PK" or (len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
-
-
 def _read_file(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise EmbeddingError(f"embedding {path}: no such file")
-    if not _is_torch_pickle(path):
+    if not is_torch_pickle(path):
         try:
             return dict(read_state_dict(path))
         except CheckpointError as e:
             raise EmbeddingError(f"embedding {path}: {e}") from None
     # A1111's .pt nests its tensor ({"string_to_param": {"*": ...}}), which read_state_dict's flat view drops;
-    # read it with torch's weights-only unpickler (never plain pickle).
+    # read the nested object through the same weights-only loader (never plain pickle).
     try:
-        import torch
-    except ImportError:
-        raise EmbeddingError(f"embedding {path}: PyTorch is needed to read pickled embeddings (.pt/.bin); "
-                             "use a .safetensors version or install torch") from None
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch's refusal of non-tensor globals, truncation, ...
-        raise EmbeddingError(f"embedding {path}: cannot be read safely ({type(e).__name__}: {e})") from None
+        data = load_pickle(path)
+    except CheckpointError as e:
+        raise EmbeddingError(f"embedding {e}") from None
     if not isinstance(data, Mapping):
         raise EmbeddingError(f"embedding {path}: holds a {type(data).__name__}, not a dict of tensors")
     return dict(data)

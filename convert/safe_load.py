@@ -101,6 +101,11 @@ _MAGIC_DESCRIPTIONS = (
 )
 
 
+def is_torch_pickle(path: str | os.PathLike) -> bool:
+    """Whether the file, by its content, is a ``torch.save`` pickle (zip or legacy format)."""
+    return _sniff(Path(path)) in ("zip", "pickle")
+
+
 def _sniff(path: Path) -> str:
     """Return "safetensors", "zip" (torch.save), "pickle" (legacy torch.save) or a description of what it is."""
     with path.open("rb") as f:
@@ -193,6 +198,16 @@ def _safetensors_tensor(
 
 
 def _read_pickled(path: Path, is_zip: bool) -> Checkpoint:
+    state, global_step = _unwrap(load_pickle(path, is_zip=is_zip), path)
+    return Checkpoint(state_dict=_tensors_to_numpy(state, path), global_step=global_step)
+
+
+def load_pickle(path: str | os.PathLike, *, is_zip: bool | None = None) -> Any:
+    """The object in a PyTorch pickle (tensors, nested dicts, numbers), read only through torch's weights-only
+    unpickler; anything else in it is refused with :class:`CheckpointError` and nothing in it runs."""
+    path = Path(path)
+    if is_zip is None:
+        is_zip = _sniff(path) == "zip"
     try:
         import torch
     except ImportError:
@@ -221,9 +236,7 @@ def _read_pickled(path: Path, is_zip: bool) -> Checkpoint:
         ) from None
     except Exception as e:  # torch reports truncation as RuntimeError, EOFError, OSError, struct.error, ...
         raise CheckpointError(f"{path}: truncated or corrupt PyTorch checkpoint ({type(e).__name__}: {e})") from None
-
-    state, global_step = _unwrap(obj, path)
-    return Checkpoint(state_dict=_tensors_to_numpy(state, path), global_step=global_step)
+    return obj
 
 
 def _pickle_stream_is_cut_short(path: Path) -> bool:
