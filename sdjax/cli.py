@@ -154,10 +154,9 @@ def _check_args(args: argparse.Namespace) -> None:
             raise UsageError(f"--{name} {value}: must be a positive multiple of 8")
     if (args.height is None) != (args.width is None):
         raise UsageError("give both --height and --width, or neither")
-    from sdjax.samplers.registry import SAMPLERS
+    from sdjax.samplers.registry import get_sampler
 
-    if args.sampler not in SAMPLERS:
-        raise UsageError(f"unknown sampler {args.sampler!r}; choose one of: {', '.join(SAMPLERS)}")
+    get_sampler(args.sampler)  # before the model loads: an unknown name is one ValueError listing the valid ones
 
 
 class _CompileClock:

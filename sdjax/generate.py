@@ -29,10 +29,10 @@ from sdjax.models.clip import CLIPTextModel
 from sdjax.models.unet import UNet2DConditionModel
 from sdjax.models.vae import AutoencoderKL, sample_latent, scale_latents, unscale_latents
 from sdjax.samplers import (
-    SAMPLERS,
     add_noise,
     denoising_end_step,
     denoising_start_step,
+    get_sampler,
     img2img_start_step,
     inpaint_post_step,
     make_schedule,
@@ -252,8 +252,7 @@ def check_size(pipe: Any, height: int, width: int) -> None:
 
 
 def check_options(pipe: Any, *, sampler: str, num_steps: int, clip_skip: int | None, output: str) -> None:
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
+    get_sampler(sampler)  # one ValueError listing the valid names
     if not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
     if output not in OUTPUTS:
