@@ -28,7 +28,7 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
-from sdjax import generate
+from sdjax.generation import core as generation_core
 from sdjax.samplers.registry import SAMPLER_INFO, SAMPLERS
 from tests.conftest import (
     GUIDANCE,
@@ -311,11 +311,11 @@ def test_stochastic_sampler_seeds(tiny, name, eta) -> None:
 
 
 class CompileCounter:
-    """Counts new compiled entries of the jitted generation core (``generate._compiled(model, plan)``)."""
+    """Counts new compiled entries of the jitted generation core (``core._compiled(model, plan)``)."""
 
     def __init__(self, monkeypatch) -> None:
         self.new = 0
-        original = generate._compiled
+        original = generation_core._compiled
 
         def counting(model, plan):
             fn = original(model, plan)
@@ -328,7 +328,7 @@ class CompileCounter:
 
             return call
 
-        monkeypatch.setattr(generate, "_compiled", counting)
+        monkeypatch.setattr(generation_core, "_compiled", counting)
 
     def take(self) -> int:
         new, self.new = self.new, 0
@@ -416,7 +416,7 @@ def test_errors(tiny) -> None:
         sd1.text_to_image(PROMPTS, latents=wrong, height=HEIGHT, width=WIDTH)
     with pytest.raises(ValueError, match=r"latents has shape \(1, 4, 8, 12\)"):
         sd1.text_to_image(PROMPTS, latents=noise(1), height=HEIGHT, width=WIDTH)
-    for clip_skip in (2, -1):  # the tiny encoders have 3 layers: 0 and 1 are valid
+    for clip_skip in (4, -1):  # the tiny encoders have 3 layers: 0 to 3 are valid (3: the embeddings' output)
         with pytest.raises(ValueError, match=f"clip_skip={clip_skip}"):
             sd1.text_to_image("x", clip_skip=clip_skip, height=HEIGHT, width=WIDTH)
     with pytest.raises(TypeError, match="original_size: SDXL-only"):
