@@ -350,6 +350,10 @@ def run(
     if cfg and not zero_uncond:
         negatives = negatives or [""] * batch
         inputs["uncond_ids"] = _token_ids(pipe, negatives, _as_list(negative_prompt_2, batch, "negative_prompt_2"))
+    # One chunk count for the whole request (prompts longer than 75 tokens have several): one context length.
+    inputs["ids"], uncond = text.equal_chunks(pipe, inputs["ids"], inputs.get("uncond_ids"))
+    if uncond is not None:
+        inputs["uncond_ids"] = uncond
     if pipe.is_sdxl:
         size = (height, width)
         original, target = original_size or size, target_size or size

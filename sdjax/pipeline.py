@@ -138,6 +138,14 @@ class Pipeline:
             raise TypeError(f"{', '.join(wrong)}: SDXL-only options, but this is not an SDXL model")
         return run(self, task=task, **options, **extra)
 
+    def encode_prompt(self, prompt: Any, negative_prompt: Any = None, clip_skip: int | None = None,
+                      **options: Any) -> Any:
+        """Prompt embeddings in diffusers' layout (``sdjax.text.encode_prompt``: ``prompt_2``, ``negative_prompt_2``,
+        ``num_images_per_prompt``, ``emphasis``); A1111's prompt syntax, any length."""
+        from sdjax.text import encode_prompt
+
+        return encode_prompt(self, prompt, negative_prompt, clip_skip, **options)
+
 
 _SDXL_ONLY = frozenset({
     "prompt_2", "negative_prompt_2", "original_size", "crops_coords_top_left", "target_size",
