@@ -146,6 +146,12 @@ class Pipeline:
 
         return encode_prompt(self, prompt, negative_prompt, clip_skip, **options)
 
+    def with_hypernetwork(self, path: Any, strength: float = 1.0) -> Pipeline:
+        """A new pipeline with an A1111 hypernetwork (.pt) in its UNet's attention; chain calls for several."""
+        from sdjax.convert.hypernetwork import apply_hypernetwork
+
+        return apply_hypernetwork(self, path, strength)
+
 
 _SDXL_ONLY = frozenset({
     "prompt_2", "negative_prompt_2", "original_size", "crops_coords_top_left", "target_size",
