@@ -105,7 +105,8 @@ def prompt_chunks(
     parsed = parse_prompt_attention(prompt) if emphasis else [[prompt, 1.0]]
     texts = [text for text, _ in parsed]
     pieces = tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
-    comma = tokenizer.get_vocab().get(",</w>")
+    comma = tokenizer.convert_tokens_to_ids(",</w>")
+    comma = None if comma == tokenizer.unk_token_id else comma
     bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
     chunks: list[tuple[list[int], list[float]]] = []
     ids: list[int] = []

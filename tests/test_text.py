@@ -245,6 +245,9 @@ def test_encode_prompt_matches_diffusers_sdxl(tiny):
         assert_close(embeds.negative_pooled_prompt_embeds, expected_neg[2].numpy(), 1e-4)
         if clip_skip is None:
             assert_close(embeds.negative_prompt_embeds, expected[1].numpy(), 1e-4)
+    # A long prompt_2 gives both encoders (and the negative) its chunk count.
+    embeds = model.pipe.encode_prompt("a cat", negative_prompt="blurry", prompt_2="a dog, " * 40)
+    assert embeds.prompt_embeds.shape == embeds.negative_prompt_embeds.shape == (1, 154, 64)
     # force_zeros_for_empty_prompt: no negative -> zeros, as diffusers.
     embeds = model.pipe.encode_prompt("a cat")
     assert model.pipe.force_zeros_for_empty_prompt
