@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 __all__ = [
     "ExtraNetwork",
+    "active_entry",
     "extract_extra_networks",
     "parse_prompt_attention",
     "prompt_schedule",
@@ -302,6 +303,19 @@ def prompt_schedule(text: str, steps: int, hires_steps: int | None = None) -> li
         else:
             ends.update(range(1, total + 1))
     return [[end, _render(nodes, end, whens)] for end in sorted(ends)]
+
+
+def active_entry(schedule: list[list], step: int) -> int:
+    """Index into ``schedule`` (from :func:`prompt_schedule`) of the prompt A1111 conditions on at sampler call
+    ``step``, counted from 0 (A1111's CFGDenoiser.step): the first entry with ``step <= last_step``.
+
+    >>> [active_entry(prompt_schedule("[a|b]", 4), i) for i in range(4)]
+    [0, 0, 1, 2]
+    """
+    for index, (last_step, _) in enumerate(schedule):
+        if step <= last_step:
+            return index
+    return 0
 
 
 # --- AND ---------------------------------------------------------------------------------------------------------

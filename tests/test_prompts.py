@@ -6,7 +6,14 @@ from __future__ import annotations
 
 import pytest
 
-from sdjax.prompts import ExtraNetwork, extract_extra_networks, parse_prompt_attention, prompt_schedule, split_and
+from sdjax.prompts import (
+    ExtraNetwork,
+    active_entry,
+    extract_extra_networks,
+    parse_prompt_attention,
+    prompt_schedule,
+    split_and,
+)
 
 # A1111's parse_prompt_attention docstring, verbatim.
 ATTENTION_EXAMPLES = [
@@ -105,6 +112,14 @@ def test_schedule_comment_example():
 ])
 def test_schedule_rules(text, steps, expected):
     assert prompt_schedule(text, steps) == expected
+
+
+def test_active_entry_follows_a1111_step_counting():
+    # A1111's reconstruct_cond_batch at CFGDenoiser.step (0, 1, ...): the first entry with step <= its end.
+    schedule = prompt_schedule("a [b:c:3]", 10)  # [[3, 'a b'], [10, 'a c']]
+    assert [active_entry(schedule, i) for i in range(10)] == [0, 0, 0, 0, 1, 1, 1, 1, 1, 1]
+    alternating = prompt_schedule("[x|y]", 4)
+    assert [alternating[active_entry(alternating, i)][1] for i in range(4)] == ["x", "x", "y", "x"]
 
 
 def test_schedule_errors():
