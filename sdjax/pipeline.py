@@ -143,6 +143,20 @@ class Pipeline:
         request = Request.build(task, options.pop("prompt"), **options, **extra)
         return run(self, request, **execution)
 
+    def encode_prompt(self, prompt: Any, negative_prompt: Any = None, clip_skip: int | None = None,
+                      **options: Any) -> Any:
+        """Prompt embeddings in diffusers' layout (``sdjax.text.encode_prompt``: ``prompt_2``, ``negative_prompt_2``,
+        ``num_images_per_prompt``, ``emphasis``); A1111's prompt syntax, any length."""
+        from sdjax.text import encode_prompt
+
+        return encode_prompt(self, prompt, negative_prompt, clip_skip, **options)
+
+    def with_hypernetwork(self, path: Any, strength: float = 1.0) -> Pipeline:
+        """A new pipeline with an A1111 hypernetwork (.pt) in its UNet's attention; chain calls for several."""
+        from sdjax.convert.hypernetwork import apply_hypernetwork
+
+        return apply_hypernetwork(self, path, strength)
+
 
 def _arguments(scope: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in scope.items() if k != "self"}

@@ -7,8 +7,6 @@ added noise) and compares final [0, 1] images: max abs difference <= 2e-3. Each 
 
 from __future__ import annotations
 
-import warnings
-
 import diffusers
 import numpy as np
 import pytest
@@ -440,13 +438,17 @@ def test_errors(tiny) -> None:
         sd1.inpaint("x", image, mask)
 
 
-def test_long_prompt_warns_and_is_cut(tiny) -> None:
+def test_long_prompt_is_encoded_in_chunks(tiny) -> None:
+    # More than 75 tokens: two chunks of 77 (A1111), not cut. diffusers, given the same chunked embeddings
+    # (checked against transformers chunk by chunk in test_text.py), draws the same images.
     sd1 = tiny("sd1")
     key = ("euler", None)
-    long_prompt = "cat " * 100  # 100 tokens + begin + end: 25 over the 77-token limit
-    with pytest.warns(UserWarning, match="25 tokens longer than the 77-token limit; the last 25 were cut"):
-        cut = sdjax_t2i(sd1, key, prompts=[long_prompt, PROMPTS[1]])
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        kept = sdjax_t2i(sd1, key, prompts=["cat " * 75, PROMPTS[1]])
-    np.testing.assert_array_equal(cut, kept)
+    prompts = ["cat " * 100, PROMPTS[1]]
+    embeds = sd1.pipe.encode_prompt(prompts, negative_prompt=NEGATIVES)
+    assert embeds.prompt_embeds.shape[1] == embeds.negative_prompt_embeds.shape[1] == 154
+    expected = reference_t2i(sd1, key, prompts=None, prompt_embeds=torch.from_numpy(embeds.prompt_embeds),
+                             negative_prompt_embeds=torch.from_numpy(embeds.negative_prompt_embeds))
+    actual = sdjax_t2i(sd1, key, prompts=prompts, negative_prompt=NEGATIVES)
+    assert_images_close(actual, expected, "100-token prompt")
+    cut = sdjax_t2i(sd1, key, prompts=["cat " * 75, PROMPTS[1]], negative_prompt=NEGATIVES)
+    assert_differ(actual[0], cut[0], "the tokens after the 75th")

@@ -78,6 +78,7 @@ class Plan:
     num_steps: int
     latent_size: tuple[int, int]
     clip_skip: int | None
+    emphasis: str  # A1111's emphasis mode for (word:1.2): "original", "no_norm" or "none"
     passes: tuple[str, ...]  # the UNet passes the guidance method may ask for
     zero_passes: tuple[str, ...]  # passes whose text conditioning is zeros (SDXL's force_zeros_for_empty_prompt)
     task: str  # TEXT, IMAGE, LATENT_IMAGE or INPAINT
@@ -123,7 +124,7 @@ def _encode_passes(model: Model, plan: Plan, params: Mapping[str, Any], inputs: 
         if name in plan.zero_passes:
             continue
         encoded[name] = text.encode_modules(model.is_sdxl, model.text_encoders, params, inputs.ids[name],
-                                            plan.clip_skip)
+                                            plan.clip_skip, plan.emphasis)
     for name in plan.zero_passes:
         ctx, pooled = encoded[COND]
         encoded[name] = (jnp.zeros_like(ctx), None if pooled is None else jnp.zeros_like(pooled))

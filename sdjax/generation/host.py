@@ -65,13 +65,6 @@ def _is_pil(x: Any) -> bool:
     return isinstance(x, Image.Image) or (isinstance(x, Sequence) and bool(x) and isinstance(x[0], Image.Image))
 
 
-def _token_ids(pipe: Any, prompts: list[str], prompts_2: list[str] | None) -> dict[str, Any]:
-    ids = {}
-    for name in pipe.text_encoders:
-        ids[name] = text.token_ids(pipe, prompts_2 if (name == "text_encoder_2" and prompts_2) else prompts, name)
-    return ids
-
-
 def prepare(pipe: Any, request: Request, *, image_index_offset: int = 0) -> Prepared:
     """Check ``request`` against ``pipe`` and build the plan, the inputs (numpy, unplaced) and the method."""
     r = request
@@ -144,12 +137,14 @@ def prepare(pipe: Any, request: Request, *, image_index_offset: int = 0) -> Prep
         if EMPTY in passes:
             zero_passes += (EMPTY,)
     prompts = list(r.prompts)
-    ids = {COND: _token_ids(pipe, prompts, _as_list(r.sdxl.prompt_2, batch, "prompt_2"))}
+    tokens = lambda texts, texts_2=None: text.prompt_tokens(pipe, texts, texts_2, emphasis=r.emphasis)  # noqa: E731
+    ids = {COND: tokens(prompts, _as_list(r.sdxl.prompt_2, batch, "prompt_2"))}
     if UNCOND in passes and UNCOND not in zero_passes:
-        ids[UNCOND] = _token_ids(pipe, negatives or [""] * batch,
-                                 _as_list(r.sdxl.negative_prompt_2, batch, "negative_prompt_2"))
+        ids[UNCOND] = tokens(negatives or [""] * batch, _as_list(r.sdxl.negative_prompt_2, batch, "negative_prompt_2"))
     if EMPTY in passes and EMPTY not in zero_passes:
-        ids[EMPTY] = _token_ids(pipe, [""] * batch, None)
+        ids[EMPTY] = tokens([""] * batch)
+    # every pass gets one chunk count (the longest prompt's): the UNet's context has one sequence length
+    ids = dict(zip(ids, text.equal_chunks(pipe, *ids.values()), strict=True))
     time_ids = None
     if pipe.is_sdxl:
         time_ids = _time_ids(pipe, r, height, width, batch)
@@ -164,7 +159,7 @@ def prepare(pipe: Any, request: Request, *, image_index_offset: int = 0) -> Prep
         lcm_scale=lcm_scale,
     )
     plan = Plan(sampler=r.sampler, sigma_schedule=r.schedule, num_steps=r.num_steps, latent_size=latent_size,
-                clip_skip=r.clip_skip, passes=passes, zero_passes=zero_passes, task=task,
+                clip_skip=r.clip_skip, emphasis=r.emphasis, passes=passes, zero_passes=zero_passes, task=task,
                 start_from_noise=r.task == "inpaint" and r.strength == 1.0, denoising_start=r.denoising_start,
                 denoising_end=r.denoising_end, sweep=sweep)
     return Prepared(plan, inputs, as_arrays(method), batch)

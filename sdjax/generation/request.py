@@ -71,6 +71,7 @@ class Request:
     denoising_end: float | None = None
     sdxl: SDXLOptions = SDXLOptions()
     guidance_scale: float | None = None  # the plain number given as guidance_scale (LCM embeds it), if any
+    emphasis: str = "original"  # A1111's emphasis: "original" (restore the mean), "no_norm", "none" (literal)
 
     @property
     def batch(self) -> int:
@@ -86,7 +87,7 @@ class Request:
               sampler: str = "euler", schedule: str | None = None, seed: Any = 0, latents: Any = None,
               height: Any = None, width: Any = None, clip_skip: Any = None, eta: Any = None, output: str = "np",
               image: Any = None, mask: Any = None, strength: Any = None, denoising_start: Any = None,
-              denoising_end: Any = None, **sdxl: Any) -> Request:
+              denoising_end: Any = None, emphasis: str = "original", **sdxl: Any) -> Request:
         """Check the keywords of a task call (each error names the keyword) and build the request."""
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; valid: {', '.join(TASKS)}")
@@ -114,6 +115,9 @@ class Request:
             if isinstance(value, str | bytes) or hasattr(value, "__fspath__"):
                 raise TypeError(f"{name}: give a PIL image or an array in [0, 1], not a path "
                                 f"(open it with PIL.Image.open({value!r}))")
+        from sdjax.text import check_emphasis
+
+        check_emphasis(emphasis)
         if strength is None:
             strength = 1.0 if task in ("text", "inpaint") else 0.8
         strength = _number(strength, "strength")
@@ -146,6 +150,7 @@ class Request:
             denoising_start=None if denoising_start is None else _number(denoising_start, "denoising_start"),
             denoising_end=None if denoising_end is None else _number(denoising_end, "denoising_end"),
             sdxl=SDXLOptions(**sdxl),
+            emphasis=emphasis,
         )
 
 
