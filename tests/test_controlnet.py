@@ -27,7 +27,7 @@ from sdjax.models.config import ConfigError
 from sdjax.models.controlnet import ControlNetConfig
 from sdjax.models.unet import UNet2DConditionModel, UNetConfig
 from tests.reference.control_models import CONTROLNET_CONFIGS, build_torch_controlnet, controlnet_to_ldm
-from tests.reference.unet_configs import build_torch_unet
+from tests.reference.unet_configs import SD1, build_torch_unet
 
 BATCH = 2
 
@@ -102,36 +102,42 @@ def test_parity_with_diffusers(name: str, tmp: str, fast_compile) -> None:
         ref_down, ref_mid = torch_residuals(torch_net, sample, t, context, cond, added, scale, guess)
         down, mid = run(net.params, sample, t, context, cond, scale, added, guess)
         assert len(down) == len(ref_down) == net.config.num_down_residuals
+        if name == "sd1":  # the same encoder as unet_configs.SD1: its residuals fit that UNet's skips
+            assert [tuple(d.shape[1:]) for d in down] == _skip_shapes(UNetConfig.from_dict(SD1), *sample.shape[1:3])
         for i, (a, b) in enumerate(zip(down, ref_down, strict=True)):
             assert_close(a, b, f"{name} down residual {i} (scale {scale}, guess {guess})")
         assert_close(mid, ref_mid, f"{name} mid residual (scale {scale}, guess {guess})")
 
 
-@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
-def test_a1111_control_file(suffix: str, tmp: str, tmp_path) -> None:
+@pytest.mark.parametrize("name, suffix", [("sd1", ".safetensors"), ("sd1", ".pth"), ("sdxl", ".safetensors")])
+def test_a1111_control_file(name: str, suffix: str, tmp: str, tmp_path) -> None:
     """An LDM-layout control file (``control_model.`` keys; .pth through the weights-only loader) loads to the same
-    model as the diffusers folder; the old full-model files' other keys are ignored."""
-    torch_net, folder = saved("sd1", tmp)
-    ldm = controlnet_to_ldm(torch_net.state_dict(), CONTROLNET_CONFIGS["sd1"])
-    ldm["model.diffusion_model.out.2.weight"] = torch.zeros(3)  # a full SD checkpoint's key: not the ControlNet's
+    params as the diffusers folder; the old full-model files' other keys are ignored."""
+    from safetensors.torch import save_file
+
+    torch_net, folder = saved(name, tmp)
+    ldm = controlnet_to_ldm(torch_net.state_dict(), CONTROLNET_CONFIGS[name])
     path = tmp_path / f"control_tiny{suffix}"
     if suffix == ".safetensors":
-        from safetensors.torch import save_file
         save_file({k: v.contiguous() for k, v in ldm.items()}, str(path))
-    else:
-        torch.save(ldm, path)
-    from_ldm = load_controlnet(path, config=folder / "config.json")
-    reference = load_controlnet(folder)
-    same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), from_ldm.params, reference.params)
-    assert all(jax.tree.leaves(same))
+        if name == "sd1":  # the test writer itself, checked by diffusers' own reader of such files
+            from diffusers import ControlNetModel
 
+            back = ControlNetModel.from_single_file(str(path), config=str(folder), local_files_only=True)
+            assert all(torch.equal(v, back.state_dict()[k]) for k, v in torch_net.state_dict().items())
+    else:
+        torch.save(dict(ldm, **{"model.diffusion_model.out.2.weight": torch.zeros(3)}), path)  # a full file's key
+    reference = load_controlnet(folder)
+    same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), load_controlnet(path, config=folder).params,
+                        reference.params)
+    assert all(jax.tree.leaves(same))
+    if name != "sd1":
+        return
     bare = tmp_path / "bare.safetensors"  # thibaud's SD 2.1 files: no control_model. prefix
-    from safetensors.torch import save_file
-    save_file({k.removeprefix("control_model."): v.contiguous() for k, v in ldm.items()
-               if k.startswith("control_model.")}, str(bare))
-    assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)),
-                                            load_controlnet(bare, config=dict(torch_net.config)).params,
-                                            reference.params)))
+    save_file({k.removeprefix("control_model."): v.contiguous() for k, v in ldm.items()}, str(bare))
+    same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)),
+                        load_controlnet(bare, config=dict(torch_net.config)).params, reference.params)
+    assert all(jax.tree.leaves(same))
     with pytest.raises(CheckpointError, match="model family"):
         load_controlnet(bare)  # a tiny width matches no released family: config= is needed
 
@@ -192,6 +198,10 @@ def test_multi_controlnet_sums_and_guess_mode(tmp: str, fast_compile) -> None:
         for i, (a, b) in enumerate(zip(down, ref_down, strict=True)):
             assert_close(a, nhwc(b), f"multi down {i} guess={guess}")
         assert_close(mid, nhwc(ref_mid), f"multi mid guess={guess}")
+
+    # Scales are traced: new values, same compiled function.
+    fn(sample, t, context, cond_a, cond_b, np.array([0.1, 1.5], np.float32))
+    assert fn._cache_size() == 1
 
     padded_down, padded_mid = guess_mode_cfg_residuals(down, mid, BATCH)
     assert padded_mid.shape[0] == 2 * BATCH and not np.asarray(padded_mid[:BATCH]).any()
@@ -280,6 +290,9 @@ def _intrablock_shapes(config: UNetConfig, height: int, width: int) -> list[tupl
 
 
 def test_keep_matches_diffusers_rule() -> None:
+    import sdjax
+
+    assert sdjax.load_controlnet is load_controlnet  # the public name
     starts, ends = guidance_ranges(2, [0.0, 0.2], 0.8)
     assert (starts, ends) == ([0.0, 0.2], [0.8, 0.8])
     keep = controlnet_keep(10, starts, ends)
