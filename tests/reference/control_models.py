@@ -93,3 +93,14 @@ def controlnet_to_ldm(state: Mapping[str, torch.Tensor], config: Mapping[str, An
     up = ["CrossAttnUpBlock2D" if "CrossAttn" in t else "UpBlock2D" for t in reversed(down)]
     out.update(unet_to_ldm(encoder, {"layers_per_block": layers, "up_block_types": up}))
     return {prefix + k: v for k, v in out.items()}
+
+
+def controlnet_for(torch_unet, seed: int = 0, embedding_channels: tuple[int, ...] = (8, 8, 16, 16)):
+    """A random ControlNet with the encoder of ``torch_unet`` (diffusers' ``ControlNetModel.from_unet``), for
+    pipeline-level tests on the tiny pipelines; the conditioning embedding is 8x, as the real ones."""
+    from diffusers import ControlNetModel
+
+    model = ControlNetModel.from_unet(torch_unet, conditioning_embedding_out_channels=embedding_channels,
+                                      load_weights_from_unet=False).eval()
+    randomise_fan_in(model, seed)
+    return model
