@@ -97,7 +97,8 @@ def test_parity_with_diffusers(name: str, tmp: str, fast_compile) -> None:
                                                                         guess_mode=guess, **kw),
                   static_argnums=7)
     # Each (scale, guess mode) is one compile: both only where it costs least.
-    cases = {"sd1": ((1.0, False), (0.65, True)), "sdxl": ((0.65, True),), "exotic": ((0.65, False),)}[name]
+    cases = {"sd1": ((1.0, False), (0.65, True)), "sd2": ((0.9, False),), "sdxl": ((0.65, True),),
+             "exotic": ((0.65, False),)}[name]
     for scale, guess in cases:
         ref_down, ref_mid = torch_residuals(torch_net, sample, t, context, cond, added, scale, guess)
         down, mid = run(net.params, sample, t, context, cond, scale, added, guess)
@@ -236,25 +237,24 @@ def test_unet_residual_inputs_match_diffusers(name: str, fast_compile) -> None:
     model = UNet2DConditionModel(config)
     apply = jax.jit(lambda p, x, t, c, kw: model.apply({"params": p}, x, t, c, **kw))
 
-    with torch.inference_mode():
-        ref = torch_unet(nchw(sample), torch.from_numpy(t), torch.from_numpy(context),
-                         down_block_additional_residuals=tuple(nchw(d) for d in down),
-                         mid_block_additional_residual=nchw(mid), **torch_kwargs).sample
-        plain = torch_unet(nchw(sample), torch.from_numpy(t), torch.from_numpy(context), **torch_kwargs).sample
-    out = apply(params, sample, t, context, dict(kwargs, down_block_additional_residuals=tuple(down),
-                                                   mid_block_additional_residual=mid))
-    assert_close(out, nhwc(ref), f"{name} UNet with ControlNet residuals")
-    assert float(np.abs(nhwc(ref) - nhwc(plain)).max()) > 1e-2  # the residuals matter
-
     # T2I-Adapter: one feature per down block (at its resolution after the block for DownBlock2D, before the
     # downsampler for CrossAttnDownBlock2D), and for SDXL-like UNets one more of the mid block's shape.
-    intra = _intrablock_shapes(config, height, width)
-    feats = [rng.standard_normal((BATCH,) + s, dtype=np.float32) for s in intra]
+    feats = [rng.standard_normal((BATCH,) + s, dtype=np.float32) for s in _intrablock_shapes(config, height, width)]
+    control = {"down_block_additional_residuals": tuple(down), "mid_block_additional_residual": mid}
+    adapter = {"down_intrablock_additional_residuals": tuple(feats)}
+    # SD1: each kind alone; SDXL: both at once (diffusers allows it), one compile of the bigger UNet.
+    cases = {"ControlNet": control, "T2I-Adapter": adapter} if name == "sd1" else {"both": control | adapter}
     with torch.inference_mode():
-        ref = torch_unet(nchw(sample), torch.from_numpy(t), torch.from_numpy(context),
-                         down_intrablock_additional_residuals=[nchw(f) for f in feats], **torch_kwargs).sample
-    out = apply(params, sample, t, context, dict(kwargs, down_intrablock_additional_residuals=tuple(feats)))
-    assert_close(out, nhwc(ref), f"{name} UNet with T2I-Adapter residuals")
+        plain = torch_unet(nchw(sample), torch.from_numpy(t), torch.from_numpy(context), **torch_kwargs).sample
+    for what, extra in cases.items():
+        torch_extra = {k: (list if "intrablock" in k else tuple)(nchw(a) for a in v) if isinstance(v, tuple)
+                       else nchw(v) for k, v in extra.items()}
+        with torch.inference_mode():
+            ref = torch_unet(nchw(sample), torch.from_numpy(t), torch.from_numpy(context), **torch_extra,
+                             **torch_kwargs).sample
+        out = apply(params, sample, t, context, dict(kwargs, **extra))
+        assert_close(out, nhwc(ref), f"{name} UNet with {what} residuals")
+        assert float(np.abs(nhwc(ref) - nhwc(plain)).max()) > 1e-2  # the residuals matter
 
     with pytest.raises(ValueError, match="mid_block_additional_residual"):
         model.apply({"params": params}, sample, t, context, down_block_additional_residuals=tuple(down), **kwargs)

@@ -21,6 +21,11 @@ CONTROLNET_SD1: dict[str, Any] = dict(
     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), cross_attention_dim=32, attention_head_dim=8,
     norm_num_groups=8, conditioning_embedding_out_channels=(8, 8, 16, 16),
 )
+# SD 2.x-like: linear projections, per-level head counts, upcast attention, a context width of 48.
+CONTROLNET_SD2: dict[str, Any] = dict(
+    CONTROLNET_SD1, use_linear_projection=True, attention_head_dim=(2, 4), upcast_attention=True,
+    cross_attention_dim=48, layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+)
 # SDXL-like: as unet_configs.SDXL (no attention at level 0, two transformer layers at the bottom, text_time).
 CONTROLNET_SDXL: dict[str, Any] = dict(
     in_channels=4, layers_per_block=2, block_out_channels=(32, 32, 64),
@@ -37,7 +42,8 @@ CONTROLNET_EXOTIC: dict[str, Any] = dict(
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"), layers_per_block=1,
     conditioning_embedding_out_channels=(8, 16), flip_sin_to_cos=False, freq_shift=1, mid_block_scale_factor=1.5,
 )
-CONTROLNET_CONFIGS = {"sd1": CONTROLNET_SD1, "sdxl": CONTROLNET_SDXL, "exotic": CONTROLNET_EXOTIC}
+CONTROLNET_CONFIGS = {"sd1": CONTROLNET_SD1, "sd2": CONTROLNET_SD2, "sdxl": CONTROLNET_SDXL,
+                      "exotic": CONTROLNET_EXOTIC}
 
 
 def randomise_fan_in(module: torch.nn.Module, seed: int) -> None:
