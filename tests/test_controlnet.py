@@ -134,6 +134,16 @@ def test_a1111_control_file(name: str, suffix: str, tmp: str, tmp_path) -> None:
     assert all(jax.tree.leaves(same))
     if name != "sd1":
         return
+    # A diffusers-layout single file: its config.json beside it, or config=.
+    single = folder / "diffusion_pytorch_model.safetensors"
+    assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), load_controlnet(single).params,
+                                            reference.params)))
+    alone = tmp_path / "alone.safetensors"
+    alone.write_bytes(single.read_bytes())
+    with pytest.raises(CheckpointError, match="config"):
+        load_controlnet(alone)
+    with pytest.raises(CheckpointError, match="no such"):
+        load_controlnet(tmp_path / "missing.safetensors")
     bare = tmp_path / "bare.safetensors"  # thibaud's SD 2.1 files: no control_model. prefix
     save_file({k.removeprefix("control_model."): v.contiguous() for k, v in ldm.items()}, str(bare))
     same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)),
