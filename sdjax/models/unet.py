@@ -317,7 +317,7 @@ def down_path(cfg: UNetConfig, x: jax.Array, emb: jax.Array, context: Any, opts:
                            downsample_padding=cfg.downsample_padding, name=f"down_blocks_{i}",
                            **_block_kwargs(cfg, i, attn, cfg.block_out_channels[i], opts))(x, emb, context, extra)
         if pending and not attn:
-            x = x + pending.pop(0)
+            x = x + pending.pop(0).astype(x.dtype)
             res[-1] = x
         skips += res
     return x, skips, pending
@@ -402,7 +402,7 @@ class UNet2DConditionModel(nn.Module):
         # 4. mid
         x = mid_path(cfg, x, emb, context, opts)
         if pending and pending[0].shape == x.shape:  # T2I-Adapter-XL's last feature
-            x = x + pending.pop(0)
+            x = x + pending.pop(0).astype(x.dtype)
         if mid_block_additional_residual is not None:
             x = x + mid_block_additional_residual.astype(x.dtype)
 
