@@ -6,7 +6,11 @@ _xla_flags.apply()
 
 __version__ = "0.1.0"
 
-__all__ = ["Pipeline", "load", "__version__"]
+__all__ = ["Pipeline", "load", "load_controlnet", "load_t2i_adapter", "load_ip_adapter", "__version__"]
+
+# Add-on loaders, by the module that holds each (imported on first use as well).
+_ADDONS = {"load_controlnet": "sdjax.control", "load_t2i_adapter": "sdjax.t2i_adapter",
+           "load_ip_adapter": "sdjax.ip_adapter"}
 
 
 def __getattr__(name: str):
@@ -15,4 +19,8 @@ def __getattr__(name: str):
         from sdjax import pipeline
 
         return getattr(pipeline, name)
+    if name in _ADDONS:
+        import importlib
+
+        return getattr(importlib.import_module(_ADDONS[name]), name)
     raise AttributeError(f"module 'sdjax' has no attribute {name!r}")

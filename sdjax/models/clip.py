@@ -114,8 +114,9 @@ class CLIPTextEmbeddings(nn.Module):
 
 
 class CLIPAttention(nn.Module):
-    config: CLIPTextConfig
+    config: CLIPTextConfig  # or CLIPVisionConfig: the same fields
     dtype: Dtype = jnp.float32
+    causal: bool = True  # the text tower's mask; the vision tower attends everywhere
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -123,7 +124,7 @@ class CLIPAttention(nn.Module):
         heads_shape = x.shape[:2] + (c.num_attention_heads, c.head_dim)
         q, k, v = (nn.Dense(c.hidden_size, dtype=self.dtype, name=n)(x).reshape(heads_shape)
                    for n in ("q_proj", "k_proj", "v_proj"))
-        out = attention(q, k, v, causal=True).reshape(x.shape[:2] + (c.hidden_size,))
+        out = attention(q, k, v, causal=self.causal).reshape(x.shape[:2] + (c.hidden_size,))
         return nn.Dense(c.hidden_size, dtype=self.dtype, name="out_proj")(out)
 
 
@@ -139,14 +140,15 @@ class CLIPMLP(nn.Module):
 
 
 class CLIPEncoderLayer(nn.Module):
-    """Pre-norm transformer block with causal self-attention."""
+    """Pre-norm transformer block with (causal, for text) self-attention."""
 
     config: CLIPTextConfig
     dtype: Dtype = jnp.float32
+    causal: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = x + CLIPAttention(self.config, self.dtype, name="self_attn")(
+        x = x + CLIPAttention(self.config, self.dtype, self.causal, name="self_attn")(
             _layer_norm(self.config, self.dtype, "layer_norm1")(x))
         return x + CLIPMLP(self.config, self.dtype, name="mlp")(
             _layer_norm(self.config, self.dtype, "layer_norm2")(x))
@@ -155,13 +157,14 @@ class CLIPEncoderLayer(nn.Module):
 class CLIPEncoder(nn.Module):
     config: CLIPTextConfig
     dtype: Dtype = jnp.float32
+    causal: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> tuple[jax.Array, ...]:
         """All hidden states: the input, then each layer's output."""
         states = [x]
         for i in range(self.config.num_hidden_layers):
-            states.append(CLIPEncoderLayer(self.config, self.dtype, name=f"layers_{i}")(states[-1]))
+            states.append(CLIPEncoderLayer(self.config, self.dtype, self.causal, name=f"layers_{i}")(states[-1]))
         return tuple(states)
 
 

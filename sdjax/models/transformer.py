@@ -16,6 +16,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 from sdjax.models.attention import attention
 from sdjax.models.hypernetwork import HypernetworkSpec, apply_hypernetworks
@@ -42,12 +43,24 @@ def dense(features: int, dtype: Dtype, matmul_dtype: Dtype | None, name: str, us
     return nn.Dense(features, use_bias=use_bias, dtype=dtype, dot_general=dot, name=name)
 
 
+@struct.dataclass
+class IPAdapterContext:
+    """Cross-attention context with IP-Adapter image tokens: ``text`` (B, L, C) as usual, plus one token array per
+    adapter in ``image_tokens`` (each (B, T, C_ip)) and their ``scales`` (n_adapters,), traced."""
+
+    text: jax.Array
+    image_tokens: tuple[jax.Array, ...]
+    scales: jax.Array
+
+
 class Attention(nn.Module):
     """diffusers' ``Attention`` as used by BasicTransformerBlock: no q/k/v bias, biased output projection.
 
-    Self-attention when ``context`` is None, else cross-attention over ``context`` (B, Lk, C_ctx).
-    ``hypernetworks``: A1111 hypernetworks transforming the context before ``to_k`` / ``to_v`` (where they have
-    an entry for its width).
+    Self-attention when ``context`` is None, else cross-attention over ``context`` (B, Lk, C_ctx). An
+    :class:`IPAdapterContext` adds IP-Adapter's decoupled cross-attention (diffusers' IPAdapterAttnProcessor2_0):
+    the same queries attend to each adapter's image tokens through its own ``to_k_ip_j``/``to_v_ip_j``, and
+    ``scale_j`` times that is added before ``to_out``. ``hypernetworks``: A1111 hypernetworks transforming the
+    (text) context before ``to_k`` / ``to_v`` (where they have an entry for its width).
     """
 
     heads: int
@@ -58,8 +71,10 @@ class Attention(nn.Module):
     hypernetworks: tuple[HypernetworkSpec, ...] = ()
 
     @nn.compact
-    def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, context: jax.Array | IPAdapterContext | None = None) -> jax.Array:
         inner = self.heads * self.head_dim
+        ip = context if isinstance(context, IPAdapterContext) else None
+        context = ip.text if ip is not None else context
         context = x if context is None else context
         batch, lq = x.shape[:2]
         io_dtype = self.matmul_dtype or self.dtype
@@ -72,6 +87,11 @@ class Attention(nn.Module):
         k_in, v_in = apply_hypernetworks(self.hypernetworks, context) if self.hypernetworks else (context, context)
         q, k, v = project("to_q", x), project("to_k", k_in), project("to_v", v_in)
         out = attention(q, k, v, implementation=self.attention_impl).reshape(batch, lq, inner)
+        if ip is not None:
+            for j, tokens in enumerate(ip.image_tokens):
+                k_ip, v_ip = project(f"to_k_ip_{j}", tokens), project(f"to_v_ip_{j}", tokens)
+                extra = attention(q, k_ip, v_ip, implementation=self.attention_impl).reshape(batch, lq, inner)
+                out = out + ip.scales[j].astype(out.dtype) * extra
         return dense(x.shape[-1], self.dtype, self.matmul_dtype, "to_out_0")(out)
 
 
@@ -114,7 +134,7 @@ class BasicTransformerBlock(nn.Module):
     hypernetworks: tuple[HypernetworkSpec, ...] = ()
 
     @nn.compact
-    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, context: jax.Array | IPAdapterContext) -> jax.Array:
         def attn(name: str) -> Attention:
             return Attention(self.heads, self.head_dim, dtype=self.dtype, attention_impl=self.attention_impl,
                              matmul_dtype=self.matmul_dtype, hypernetworks=self.hypernetworks, name=name)
@@ -138,7 +158,7 @@ class Transformer2DModel(nn.Module):
     hypernetworks: tuple[HypernetworkSpec, ...] = ()
 
     @nn.compact
-    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, context: jax.Array | IPAdapterContext) -> jax.Array:
         batch, height, width, channels = x.shape
         inner = self.heads * self.head_dim
         h = group_norm(self.groups, 1e-6, self.dtype, "norm")(x)

@@ -10,7 +10,7 @@ Submodule names mirror the diffusers state-dict keys (``conv_in``, ``time_embedd
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -27,7 +27,7 @@ from sdjax.models.layers import (
     group_norm,
     timestep_embedding,
 )
-from sdjax.models.transformer import Transformer2DModel
+from sdjax.models.transformer import IPAdapterContext, Transformer2DModel
 
 Dtype = jnp.dtype
 
@@ -214,12 +214,16 @@ class DownBlock(_Block):
     downsample_padding: int = 1
 
     @nn.compact
-    def __call__(self, x: jax.Array, temb: jax.Array, context: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
+    def __call__(self, x: jax.Array, temb: jax.Array, context: Any,
+                 additional_residual: jax.Array | None = None) -> tuple[jax.Array, list[jax.Array]]:
+        """``additional_residual`` (T2I-Adapter) joins after the last layer, before the skip and the downsampler."""
         skips = []
         for i in range(self.num_layers):
             x = self.resnet(f"resnets_{i}")(x, temb)
             if self.heads is not None:
                 x = self.transformer(f"attentions_{i}")(x, context)
+            if additional_residual is not None and i == self.num_layers - 1:
+                x = x + additional_residual.astype(x.dtype)
             skips.append(x)
         if self.add_downsample:
             x = Downsample2D(self.out_channels, padding=self.downsample_padding, dtype=self.dtype,
@@ -234,7 +238,7 @@ class MidBlock(_Block):
     output_scale_factor: float = 1.0
 
     @nn.compact
-    def __call__(self, x: jax.Array, temb: jax.Array, context: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, temb: jax.Array, context: Any) -> jax.Array:
         x = self.resnet("resnets_0", self.output_scale_factor)(x, temb)
         for i in range(self.num_layers):
             x = self.transformer(f"attentions_{i}")(x, context)
@@ -248,7 +252,7 @@ class UpBlock(_Block):
     add_upsample: bool = True
 
     @nn.compact
-    def __call__(self, x: jax.Array, skips: list[jax.Array], temb: jax.Array, context: jax.Array,
+    def __call__(self, x: jax.Array, skips: list[jax.Array], temb: jax.Array, context: Any,
                  upsample_size: tuple[int, int] | None = None) -> jax.Array:
         for i in range(self.num_layers):
             x = jnp.concatenate([x, skips[-1 - i]], axis=-1)
@@ -258,6 +262,78 @@ class UpBlock(_Block):
         if self.add_upsample:
             x = Upsample2D(self.out_channels, dtype=self.dtype, name="upsamplers_0")(x, upsample_size)
         return x
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockOptions:
+    """Compute settings every block of a UNet (or of a ControlNet's copy of its encoder) shares."""
+
+    dtype: Any = jnp.float32
+    attention_impl: str | None = None
+    matmul_dtype: Any = None
+    hypernetworks: tuple[HypernetworkSpec, ...] = ()
+
+
+def _block_kwargs(cfg: UNetConfig, i: int, attn: bool, channels: int, opts: BlockOptions) -> dict[str, Any]:
+    return dict(out_channels=channels, heads=cfg.heads[i] if attn else None,
+                transformer_layers=cfg.transformer_layers[i], groups=cfg.norm_num_groups, eps=cfg.norm_eps,
+                dtype=opts.dtype, attention_impl=opts.attention_impl, matmul_dtype=opts.matmul_dtype,
+                hypernetworks=opts.hypernetworks)
+
+
+# The functions below are the encoder half the UNet and diffusers' ControlNetModel share. They are called inside a
+# module's compact ``__call__`` and create their submodules there, under diffusers' names (``time_embedding``,
+# ``add_embedding``, ``down_blocks_i``, ``mid_block``), so both models' params keep the checkpoints' layout.
+
+def embed_time(cfg: UNetConfig, timesteps: jax.Array, dtype: Any, *, text_embeds: jax.Array | None = None,
+               time_ids: jax.Array | None = None, timestep_cond: jax.Array | None = None) -> jax.Array:
+    """Time embedding (+ SDXL's pooled text and size/crop conditioning when ``addition_embed_type="text_time"``)."""
+    c0 = cfg.block_out_channels[0]
+    t_emb = timestep_embedding(timesteps, c0, flip_sin_to_cos=cfg.flip_sin_to_cos,
+                               downscale_freq_shift=cfg.freq_shift).astype(dtype)
+    emb = TimestepEmbedding(cfg.time_embed_dim, cond_proj=cfg.time_cond_proj_dim is not None, dtype=dtype,
+                            name="time_embedding")(t_emb, timestep_cond)
+    if cfg.addition_embed_type == "text_time":
+        batch = timesteps.shape[0]
+        time_embeds = timestep_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim,
+                                         flip_sin_to_cos=cfg.flip_sin_to_cos,
+                                         downscale_freq_shift=cfg.freq_shift).reshape(batch, -1)
+        add = jnp.concatenate([text_embeds.astype(jnp.float32), time_embeds], axis=-1).astype(dtype)
+        emb = emb + TimestepEmbedding(cfg.time_embed_dim, dtype=dtype, name="add_embedding")(add)
+    return emb
+
+
+def down_path(cfg: UNetConfig, x: jax.Array, emb: jax.Array, context: Any, opts: BlockOptions,
+              intrablock: Sequence[jax.Array] = ()) -> tuple[jax.Array, list[jax.Array], list[jax.Array]]:
+    """The down blocks on ``x`` (conv_in's output): ``(x, skips, unused intrablock residuals)``.
+
+    ``intrablock``: T2I-Adapter features, consumed one per down block in order as diffusers does: inside a
+    CrossAttnDownBlock2D after its last (resnet, attention) pair; after a DownBlock2D (whose last skip is the same
+    tensor in diffusers' in-place ``sample +=``, so it changes too).
+    """
+    skips = [x]
+    pending = list(intrablock)
+    last = cfg.num_blocks - 1
+    for i, kind in enumerate(cfg.down_block_types):
+        attn = kind == "CrossAttnDownBlock2D"
+        extra = pending.pop(0) if pending and attn else None
+        x, res = DownBlock(num_layers=cfg.layers[i], add_downsample=i < last,
+                           downsample_padding=cfg.downsample_padding, name=f"down_blocks_{i}",
+                           **_block_kwargs(cfg, i, attn, cfg.block_out_channels[i], opts))(x, emb, context, extra)
+        if pending and not attn:
+            x = x + pending.pop(0).astype(x.dtype)
+            res[-1] = x
+        skips += res
+    return x, skips, pending
+
+
+def mid_path(cfg: UNetConfig, x: jax.Array, emb: jax.Array, context: Any, opts: BlockOptions,
+             attention: bool = True) -> jax.Array:
+    """``mid_block``: UNetMidBlock2DCrossAttn, or (``attention=False``) a UNetMidBlock2D with no attention."""
+    last = cfg.num_blocks - 1
+    return MidBlock(num_layers=1 if attention else 0, output_scale_factor=cfg.mid_block_scale_factor,
+                    name="mid_block", **_block_kwargs(cfg, last, True, cfg.block_out_channels[-1], opts))(
+        x, emb, context)
 
 
 class UNet2DConditionModel(nn.Module):
@@ -287,57 +363,58 @@ class UNet2DConditionModel(nn.Module):
         text_embeds: jax.Array | None = None,
         time_ids: jax.Array | None = None,
         timestep_cond: jax.Array | None = None,
+        down_block_additional_residuals: Sequence[jax.Array] | None = None,
+        mid_block_additional_residual: jax.Array | None = None,
+        down_intrablock_additional_residuals: Sequence[jax.Array] | None = None,
+        ip_adapter_tokens: Sequence[jax.Array] | None = None,
+        ip_adapter_scales: jax.Array | Sequence[float] | None = None,
     ) -> jax.Array:
         """sample (B, H, W, in_channels) NHWC; timesteps (B,) or scalar, may be fractional; encoder_hidden_states
         (B, L, cross_attention_dim); SDXL: text_embeds (B, pooled), time_ids (B, 6 or 5); LCM: timestep_cond
-        (B, time_cond_proj_dim). Returns (B, H, W, out_channels)."""
+        (B, time_cond_proj_dim). Returns (B, H, W, out_channels).
+
+        ControlNet (diffusers' names and meaning): ``down_block_additional_residuals`` (one per skip connection, NHWC)
+        are added to the skips and ``mid_block_additional_residual`` to the mid block's output. T2I-Adapter:
+        ``down_intrablock_additional_residuals`` (see :func:`down_path`; a leftover one of the mid block's shape is
+        added to its output). IP-Adapter: ``ip_adapter_tokens`` (one (B, T, C) or (B, images, T, C) array per
+        adapter, its image projection's output) with ``ip_adapter_scales`` (one per adapter) feed every
+        cross-attention's ``to_k_ip_j``/``to_v_ip_j``.
+        """
         cfg = self.config
         timesteps = self._check_inputs(sample, timesteps, encoder_hidden_states, text_embeds, time_ids,
                                        timestep_cond)
-        batch = sample.shape[0]
-        c0 = cfg.block_out_channels[0]
-        groups, eps = cfg.norm_num_groups, cfg.norm_eps
+        _check_residuals(sample.shape[0], down_block_additional_residuals, mid_block_additional_residual)
+        opts = BlockOptions(self.dtype, self.attention_impl, self.matmul_dtype, self.hypernetworks)
+        context = ip_adapter_context(encoder_hidden_states, ip_adapter_tokens, ip_adapter_scales)
 
         # 1. time (+ SDXL's pooled text and size/crop conditioning)
-        t_emb = timestep_embedding(timesteps, c0, flip_sin_to_cos=cfg.flip_sin_to_cos,
-                                   downscale_freq_shift=cfg.freq_shift).astype(self.dtype)
-        emb = TimestepEmbedding(cfg.time_embed_dim, cond_proj=cfg.time_cond_proj_dim is not None, dtype=self.dtype,
-                                name="time_embedding")(t_emb, timestep_cond)
-        if cfg.addition_embed_type == "text_time":
-            time_embeds = timestep_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim,
-                                             flip_sin_to_cos=cfg.flip_sin_to_cos,
-                                             downscale_freq_shift=cfg.freq_shift).reshape(batch, -1)
-            add = jnp.concatenate([text_embeds.astype(jnp.float32), time_embeds], axis=-1).astype(self.dtype)
-            emb = emb + TimestepEmbedding(cfg.time_embed_dim, dtype=self.dtype, name="add_embedding")(add)
+        emb = embed_time(cfg, timesteps, self.dtype, text_embeds=text_embeds, time_ids=time_ids,
+                         timestep_cond=timestep_cond)
 
         # 2. in
         if cfg.center_input_sample:
             sample = 2 * sample - 1.0
         k_in = cfg.conv_in_kernel
-        x = nn.Conv(c0, (k_in, k_in), padding=((k_in // 2, k_in // 2),) * 2, dtype=self.dtype,
-                    name="conv_in")(sample)
+        x = nn.Conv(cfg.block_out_channels[0], (k_in, k_in), padding=((k_in // 2, k_in // 2),) * 2,
+                    dtype=self.dtype, name="conv_in")(sample)
 
-        def block_kwargs(i: int, attn: bool, channels: int) -> dict[str, Any]:
-            return dict(out_channels=channels, heads=cfg.heads[i] if attn else None,
-                        transformer_layers=cfg.transformer_layers[i], groups=groups, eps=eps, dtype=self.dtype,
-                        attention_impl=self.attention_impl, matmul_dtype=self.matmul_dtype,
-                        hypernetworks=self.hypernetworks)
-
-        # 3. down
-        skips = [x]
-        last = cfg.num_blocks - 1
-        for i, kind in enumerate(cfg.down_block_types):
-            x, res = DownBlock(num_layers=cfg.layers[i], add_downsample=i < last,
-                               downsample_padding=cfg.downsample_padding, name=f"down_blocks_{i}",
-                               **block_kwargs(i, kind == "CrossAttnDownBlock2D", cfg.block_out_channels[i]))(
-                x, emb, encoder_hidden_states)
-            skips += res
+        # 3. down (+ T2I-Adapter features inside, ControlNet residuals on the skips)
+        x, skips, pending = down_path(cfg, x, emb, context, opts, down_intrablock_additional_residuals or ())
+        if down_block_additional_residuals is not None:
+            if len(down_block_additional_residuals) != len(skips):
+                raise ValueError(f"down_block_additional_residuals has {len(down_block_additional_residuals)} "
+                                 f"arrays; this UNet has {len(skips)} skip connections")
+            skips = [s + r.astype(s.dtype) for s, r in zip(skips, down_block_additional_residuals, strict=True)]
 
         # 4. mid
-        x = MidBlock(num_layers=1, output_scale_factor=cfg.mid_block_scale_factor, name="mid_block",
-                     **block_kwargs(last, True, cfg.block_out_channels[-1]))(x, emb, encoder_hidden_states)
+        x = mid_path(cfg, x, emb, context, opts)
+        if pending and pending[0].shape == x.shape:  # T2I-Adapter-XL's last feature
+            x = x + pending.pop(0).astype(x.dtype)
+        if mid_block_additional_residual is not None:
+            x = x + mid_block_additional_residual.astype(x.dtype)
 
         # 5. up: when H or W is not a multiple of 2^num_upsamplers, upsample to the skip's size (as diffusers).
+        last = cfg.num_blocks - 1
         factor = 2**cfg.num_upsamplers
         forward_size = sample.shape[1] % factor != 0 or sample.shape[2] % factor != 0
         for i, kind in enumerate(cfg.up_block_types):
@@ -346,11 +423,11 @@ class UNet2DConditionModel(nn.Module):
             res, skips = skips[-n:], skips[:-n]
             size = tuple(skips[-1].shape[1:3]) if i < last and forward_size else None
             x = UpBlock(num_layers=n, add_upsample=i < last, name=f"up_blocks_{i}",
-                        **block_kwargs(j, kind == "CrossAttnUpBlock2D", cfg.block_out_channels[j]))(
-                x, res, emb, encoder_hidden_states, size)
+                        **_block_kwargs(cfg, j, kind == "CrossAttnUpBlock2D", cfg.block_out_channels[j], opts))(
+                x, res, emb, context, size)
 
         # 6. out
-        x = nn.silu(group_norm(groups, eps, self.dtype, "conv_norm_out")(x))
+        x = nn.silu(group_norm(cfg.norm_num_groups, cfg.norm_eps, self.dtype, "conv_norm_out")(x))
         k_out = cfg.conv_out_kernel
         return nn.Conv(cfg.out_channels, (k_out, k_out), padding=((k_out // 2, k_out // 2),) * 2, dtype=self.dtype,
                        name="conv_out")(x)
@@ -393,6 +470,37 @@ class UNet2DConditionModel(nn.Module):
                 raise ValueError(f"UNet timestep_cond must be ({batch}, {cfg.time_cond_proj_dim}); got "
                                  f"{tuple(timestep_cond.shape)}")
         return timesteps
+
+
+def _check_residuals(batch: int, down: Sequence[jax.Array] | None, mid: jax.Array | None) -> None:
+    if (down is None) != (mid is None):
+        # diffusers treats down-only residuals as deprecated T2I-Adapter input; sdjax asks for the explicit name.
+        raise ValueError("ControlNet residuals need both down_block_additional_residuals and "
+                         "mid_block_additional_residual (T2I-Adapter features go in "
+                         "down_intrablock_additional_residuals)")
+    for r in (*(down or ()), *(() if mid is None else (mid,))):
+        if r.ndim != 4 or r.shape[0] != batch:
+            raise ValueError(f"ControlNet residuals must be NHWC with batch {batch}; got shape {tuple(r.shape)}")
+
+
+def ip_adapter_context(context: jax.Array, tokens: Sequence[jax.Array] | None,
+                       scales: jax.Array | Sequence[float] | None) -> jax.Array | IPAdapterContext:
+    """Pack IP-Adapter image tokens with the text context (the text context alone when there are none)."""
+    if not tokens:
+        if scales is not None:
+            raise ValueError("ip_adapter_scales given without ip_adapter_tokens")
+        return context
+    flat = []
+    for j, t in enumerate(tokens):
+        if t.ndim == 4:  # (B, images, T, C): diffusers attends over all images' tokens at once
+            t = t.reshape(t.shape[0], -1, t.shape[-1])
+        if t.ndim != 3 or t.shape[0] != context.shape[0]:
+            raise ValueError(f"ip_adapter_tokens[{j}] must be ({context.shape[0]}, tokens, dim); got {tuple(t.shape)}")
+        flat.append(t)
+    scales = jnp.ones((len(flat),), jnp.float32) if scales is None else jnp.asarray(scales, jnp.float32).reshape(-1)
+    if scales.shape != (len(flat),):
+        raise ValueError(f"ip_adapter_scales needs one value per adapter ({len(flat)}); got shape {scales.shape}")
+    return IPAdapterContext(text=context, image_tokens=tuple(flat), scales=scales)
 
 
 def example_inputs(config: UNetConfig, batch: int = 1, height: int | None = None, width: int | None = None,
