@@ -304,7 +304,7 @@ def test_every_option_has_help_showing_its_default() -> None:
             assert action.help, (name, action.dest)
             if not isinstance(action, (argparse._HelpAction, argparse._VersionAction, cli._ListSamplers)):
                 text = formatter._get_help_string(action) or ""
-                assert not action.option_strings or "default" in text, (name, action.dest, text)
+                assert not action.option_strings or "default" in text or "required" in text, (name, action.dest)
         assert "(default: 30)" in sub.format_help() or name != "generate"
 
 
