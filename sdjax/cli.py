@@ -207,6 +207,7 @@ def _convert(args: argparse.Namespace) -> None:
         raise UsageError(f"SRC: no model at {args.src}")
     for folder in remove_stale_partials(args.out):
         _note(f"removed {folder.name}, left by an interrupted write")
+    _WRITING_TO.append(Path(args.out))
     _note(f"loading {args.src}")
     import sdjax
     from sdjax.checkpoint import save_checkpoint
@@ -221,6 +222,7 @@ def _export(args: argparse.Namespace) -> None:
     _check_out(args.out, args.force)
     for folder in remove_stale_partials(args.out):
         _note(f"removed {folder.name}, left by an interrupted write")
+    _WRITING_TO.append(Path(args.out))
     _note(f"loading {args.src}")
     import sdjax
     from sdjax.checkpoint import export_diffusers
@@ -829,8 +831,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _main(argv)
     except KeyboardInterrupt:
         # Writes are atomic (images, latents, checkpoint folders): nothing half-written is left behind.
-        print("\nsdjax: interrupted", file=sys.stderr)
+        print("\nsdjax: interrupted", file=sys.stderr, flush=True)
+        if argv is None:
+            # The real command line: background writers (orbax / tensorstore threads) now fail on the removed
+            # temporary folder and print tracebacks from C++ threads; silence them, let them stop, remove what
+            # they re-created, and skip exit handlers that would wait on or re-raise from them.
+            sys.stdout.flush()
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 2)
+            try:
+                _settle_after_interrupt()
+            finally:
+                os._exit(130)
+        _settle_after_interrupt()
         return 130
+
+
+_WRITING_TO: list[Path] = []  # folders convert / export write, to clean once their writer threads stop
+
+
+def _settle_after_interrupt(timeout: float = 5.0) -> None:
+    """Let background writers (orbax's threads) run into the removed temporary folder and stop, without their
+    tracebacks, then remove whatever they re-created."""
+    import logging
+    import threading
+
+    threading.excepthook = lambda _: None
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
+    deadline = time.monotonic() + timeout
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join(max(0.0, deadline - time.monotonic()))
+    for out in _WRITING_TO:
+        remove_stale_partials(out)
 
 
 def _main(argv: Sequence[str] | None) -> int:
