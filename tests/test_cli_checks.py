@@ -330,3 +330,53 @@ def test_umask_mode(tmp_path) -> None:
     with pytest.raises(FileExistsError):
         save_image(Image.new("RGB", (8, 8)), tmp_path / "new" / "x.png")
     assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["x.png"]
+
+
+# --- convert / export and the prompt-length warning (in-process: these load a model) --------------------------
+
+@pytest.fixture(scope="module")
+def sd1_folder(tmp_path_factory) -> Path:
+    from tests.reference import tiny_pipelines
+
+    folder = tmp_path_factory.mktemp("sd1") / "model"
+    tiny_pipelines.save("sd1", folder, seed=4)
+    return folder
+
+
+def test_image_and_mask_of_different_sizes(no_work, tmp_path, capsys) -> None:
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "image.png")
+    Image.new("L", (64, 32), 255).save(tmp_path / "mask.png")
+    code, err = _main(capsys, "generate", "--prompt", "x", "--image", str(tmp_path / "image.png"), "--mask",
+                      str(tmp_path / "mask.png"), "--out", str(tmp_path / "out"))
+    assert code == 2 and "64x64" in err and "64x32" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_long_prompt_warns_how_much_was_cut(sd1_folder, tmp_path, capsys, fast_compile) -> None:
+    prompt = " ".join(["red"] * 100)
+    with pytest.warns(UserWarning, match=r"25 tokens longer than the 77-token limit"):
+        code, _ = _main(capsys, "generate", "--model", str(sd1_folder), "--prompt", prompt, "--steps", "1",
+                        "--height", "64", "--width", "64", "--guidance", "1", "--out", str(tmp_path / "out"))
+    assert code == 0
+
+
+def test_convert_and_export(sd1_folder, tmp_path, capsys) -> None:
+    assert _main(capsys, "convert", str(sd1_folder), str(tmp_path / "ck"), "--dtype", "float16")[0] == 0
+    code, err = _main(capsys, "convert", str(sd1_folder), str(tmp_path / "ck"))
+    assert code == 2 and "already exists" in err
+    assert _main(capsys, "export", str(tmp_path / "ck"), str(tmp_path / "diffusers"))[0] == 0
+    assert (tmp_path / "diffusers" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    code, err = _main(capsys, "convert", str(tmp_path / "missing.safetensors"), str(tmp_path / "x"))
+    assert code == 2 and "missing.safetensors" in err and not (tmp_path / "x").exists()
+    code, err = _main(capsys, "convert", str(sd1_folder), str(_file(tmp_path, "f") / "ck"))
+    assert code == 2 and "OUT" in err and "is a file, not a folder" in err
+    # A truncated single file and a file that is not a checkpoint: one message each, nothing written.
+    weights = (sd1_folder / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(weights[: len(weights) // 2])
+    (tmp_path / "notes.ckpt").write_text("not a checkpoint")
+    for name in ("cut.safetensors", "notes.ckpt"):
+        code, err = _main(capsys, "convert", str(tmp_path / name), str(tmp_path / "y"))
+        lines = err.strip().splitlines()  # progress notes ("sdjax: loading ..."), then the one error
+        assert code == 2 and lines[-1].startswith("sdjax: error:") and name in lines[-1], err
+        assert sum("error" in line for line in lines) == 1 and "Traceback" not in err
+        assert not (tmp_path / "y").exists()
