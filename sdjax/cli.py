@@ -571,28 +571,31 @@ class Progress:
         self.bar: Any = None
         self.batch = 0
         self.batch_started = self.first_step_at = time.perf_counter()
+        self.first_step: int | None = None
         self.last_print = 0.0
 
     def begin_batch(self) -> None:
         self.batch += 1
         self.batch_started = time.perf_counter()
+        self.first_step: int | None = None
 
     def __call__(self, step: int, total: int) -> None:
         now = time.perf_counter()
-        if step == 1:
-            self.first_step_at = now
+        if self.first_step is None:  # image-to-image starts part-way through the schedule
+            self.first_step, self.first_step_at = step, now
             if self.batch == 1 or now - self.batch_started > self.interval:
                 _note(f"batch {self.batch}/{self.batches}: sampling ({now - self.batch_started:.1f} s to compile "
                       f"and run the first step)")
             if self.tty and self.bar is None:
                 from tqdm import tqdm
 
-                self.bar = tqdm(total=self.steps * self.batches, unit="step", desc="sampling", file=sys.stderr)
+                self.bar = tqdm(total=(total - step + 1) * self.batches, unit="step", desc="sampling", file=sys.stderr)
         if self.bar is not None:
             self.bar.update(1)
         elif now - self.last_print >= self.interval or step == total:
             self.last_print = now
-            rate = f", {(now - self.first_step_at) / (step - 1):.2f} s/step" if step > 1 else ""
+            done = step - self.first_step
+            rate = f", {(now - self.first_step_at) / done:.2f} s/step" if done else ""
             _note(f"batch {self.batch}/{self.batches}: step {step}/{total}{rate}")
 
     def close(self) -> None:

@@ -380,3 +380,17 @@ def test_convert_and_export(sd1_folder, tmp_path, capsys) -> None:
         assert code == 2 and lines[-1].startswith("sdjax: error:") and name in lines[-1], err
         assert sum("error" in line for line in lines) == 1 and "Traceback" not in err
         assert not (tmp_path / "y").exists()
+
+
+def test_progress_lines_count_from_the_first_step_run(capsys) -> None:
+    progress = cli.Progress(30, 2, interval=1e9)  # stderr is captured here: not a terminal
+    for _ in range(2):
+        progress.begin_batch()
+        for step in range(13, 31):  # image-to-image at strength 0.6 runs steps 13..30
+            progress(step, 30)
+    progress.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("sdjax: batch 1/2: sampling (") and "s to compile" in lines[0]
+    # Between the periodic lines (none in this short run), each batch's last step is always shown.
+    assert lines[1].startswith("sdjax: batch 1/2: step 30/30, ") and lines[1].endswith(" s/step")
+    assert lines[2].startswith("sdjax: batch 2/2: step 30/30, ") and len(lines) == 3
