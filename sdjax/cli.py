@@ -258,8 +258,12 @@ def a1111_parameters(args: argparse.Namespace, seed: int, width: int, height: in
     from sdjax.samplers.registry import get_sampler
 
     spec = get_sampler(args.sampler)
+    # The schedule the image used: the one asked for, else the model's own (so "Euler" never means Karras).
+    schedule = args.schedule or getattr(args, "model_schedule", None)
+    if schedule not in spec.sigma_schedules:
+        schedule = None
     fields: dict[str, Any] = {
-        "Steps": args.steps, "Sampler": a1111_name(args.sampler, args.schedule), "CFG scale": f"{args.guidance:g}",
+        "Steps": args.steps, "Sampler": a1111_name(args.sampler, schedule), "CFG scale": f"{args.guidance:g}",
         "Seed": seed, "Size": f"{width}x{height}", "Model hash": names.model_hash, "Model": names.model,
         "VAE hash": names.vae_hash, "VAE": names.vae,
         "Denoising strength": f"{_strength(args):g}" if args.image else None,
@@ -708,6 +712,7 @@ def _generate(args: argparse.Namespace) -> None:
         names.refiner, names.refiner_hash = _name(args.refiner), short_hash(args.refiner)
         if not pipe.is_sdxl:
             raise UsageError(f"--refiner needs an SDXL base as --model; {names.model} is not")
+    args.model_schedule = pipe.scheduler.sigma_schedule
     _warn_about_source(args, names)
     load_seconds = time.perf_counter() - start
 

@@ -1,6 +1,6 @@
-"""The options people reach for first, each through a subprocess on a tiny model: image-to-image with A1111's
-resize modes, LoRA and embedding files, JPEG with EXIF metadata, a random seed that is recorded, --devices, and
-the SDXL refiner with --prompt-2."""
+"""The options people reach for first, each through a subprocess on a tiny model: inpainting with A1111's
+resize modes (image and mask resized alike), LoRA and embedding files, JPEG with EXIF metadata, a random seed
+that is recorded, --devices, and the SDXL refiner with --prompt-2."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
-def test_image_to_image_with_lora_embedding_and_jpeg(tmp_path, cache) -> None:
+def test_inpainting_with_resize_mode_lora_embedding_and_jpeg(tmp_path, cache) -> None:
     from sdjax.hashes import short_hash
 
     model = tmp_path / "tiny-sd1"
@@ -36,9 +36,11 @@ def test_image_to_image_with_lora_embedding_and_jpeg(tmp_path, cache) -> None:
                                      np.random.default_rng(0).normal(0, 0.02, (2, width)))
     y, x = np.mgrid[0:50, 0:100]
     Image.fromarray(np.stack([x * 2, y * 5, (x + y) % 256], -1).astype(np.uint8)).save(tmp_path / "in.png")
+    Image.fromarray(((x < 50) * 255).astype(np.uint8)).save(tmp_path / "mask.png")  # repaint the left half
     out = tmp_path / "out"
     proc = run_cli("generate", "--model", model, "--prompt", "a photo in mystyle", "--embedding", embedding,
-                   "--lora", f"{lora}:0.7", "--image", tmp_path / "in.png", "--width", "64", "--height", "48",
+                   "--lora", f"{lora}:0.7", "--image", tmp_path / "in.png",
+                   "--mask", tmp_path / "mask.png", "--width", "64", "--height", "48",
                    "--resize-mode", "fill", "--strength", "0.6", "--steps", "2", "--devices", "1",
                    "--format", "jpg", "--out", out, cache=cache)
     assert proc.returncode == 0, proc.stderr
@@ -52,7 +54,7 @@ def test_image_to_image_with_lora_embedding_and_jpeg(tmp_path, cache) -> None:
     assert fields["Lora hashes"] == f"detail: {short_hash(lora)}" and fields["Lora weights"] == "detail: 0.7"
     assert fields["TI hashes"] == f"mystyle: {short_hash(embedding)}"
     assert fields["Model hash"] == short_hash(model)
-    assert "merging 1 LoRA(s)" in proc.stderr
+    assert "merging 1 LoRA(s)" in proc.stderr and "warning" not in proc.stderr
 
 
 def test_sdxl_refiner_and_second_prompt(tmp_path, cache) -> None:
