@@ -120,6 +120,23 @@ def test_bad_folders_and_files(no_work, tmp_path, capsys) -> None:
     assert code == 2 and "--prompt is required" in err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--seed", str(2**32)], "--seed must be -1 (random) or in [0, 2**32)"),
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--height", "65536", "--width", "65536"], "needs at least"),
+    (["--sampler", "dpm++ 2m karas"], "did you mean 'DPM++ 2M Karras'?"),
+    (["--out", "{file}/out"], "is a file, not a folder"),
+])
+def test_bad_input_through_the_command(tmp_path, argv, message) -> None:
+    """As a user runs it: exit status 2, one line, nothing loaded or written."""
+    argv = [a.replace("{file}", str(_file(tmp_path, "taken"))) for a in argv]
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "sdjax.cli", "generate", "--prompt", "x", "--out", str(out), *argv],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) in ([], ["taken"])
+
+
 def test_unwritable_output_folder_subprocess(tmp_path) -> None:
     """As a user runs it: a permission problem is found before the model loads."""
     locked = tmp_path / "locked"
