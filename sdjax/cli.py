@@ -694,7 +694,7 @@ def _generate(args: argparse.Namespace) -> None:
         unet = dataclasses.asdict(pipe.unet.config)
         _check_model(args, {"unet": unet, "vae": dataclasses.asdict(pipe.vae.config)}, height, width, devices)
     if pipe.unet.config.in_channels == 9 and mask is None:
-        raise UsageError(f"--mask: {args.model} is an inpainting model (9-channel UNet); give --image and --mask")
+        raise UsageError(f"--mask: {names.model} is an inpainting model (9-channel UNet); give --image and --mask")
     if args.lora:
         from sdjax.convert.lora import apply_lora
 

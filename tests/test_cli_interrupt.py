@@ -19,8 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def _start(code: str, *argv: str, umask: int | None = None) -> subprocess.Popen:
     env = {**os.environ, "JAX_DISABLE_MOST_OPTIMIZATIONS": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-c", code, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, cwd=ROOT, env=env,
-                            preexec_fn=None if umask is None else (lambda: os.umask(umask)))
+                            text=True, cwd=ROOT, env=env, umask=-1 if umask is None else umask)
 
 
 CLI = "import sys; from sdjax import cli; sys.exit(cli.main())"  # as the sdjax command runs it
