@@ -303,6 +303,16 @@ def test_memory_estimate_is_a_lower_bound_that_scales() -> None:
     assert memory.estimate_bytes({"params_bytes": 10}, 1, 512, 512) == sd + 10
     assert memory.estimate_bytes(None, 1, 65536, 65536) > 2 * 2**40  # what XLA asked 1.9 TB for
     assert memory.available_bytes() is None or memory.available_bytes() > 0
+    # A loaded pipeline: its params' bytes plus its own channel counts.
+    import jax
+
+    import sdjax
+
+    pipe = sdjax.load()
+    configs = {"unet": {"block_out_channels": pipe.unet.config.block_out_channels},
+               "vae": {"block_out_channels": pipe.vae.config.block_out_channels},
+               "params_bytes": sum(x.nbytes for x in jax.tree.leaves(pipe.params))}
+    assert memory.estimate_bytes(pipe, 2, 64, 96) == memory.estimate_bytes(configs, 2, 64, 96) > configs["params_bytes"]
 
 
 # --- help -----------------------------------------------------------------------------------------------------
