@@ -48,6 +48,9 @@ def atomic_folder(out: str | Path, *, force: bool = False) -> Iterator[Path]:
         raise FileExistsError(f"{out} already exists; pass --force (force=True) to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
+    mask = os.umask(0)
+    os.umask(mask)
+    tmp.chmod(0o777 & ~mask)  # mkdtemp makes 0700 folders; OUT gets the usual permissions
     try:
         yield tmp
         if out.exists():
