@@ -126,6 +126,10 @@ def _build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--seed", type=int, default=-1,
                           help="seed of the first image; image i gets seed + i; -1 picks a random seed")
 
+    from sdjax.guidance import cli_options
+
+    cli_options.add_arguments(gen)
+
     size = gen.add_argument_group("size and count")
     size.add_argument("--height", type=int, help="image height, a multiple of 8 (default: the model's size, "
                                                  "or --image's)")
@@ -469,6 +473,14 @@ def _check_args(args: argparse.Namespace) -> None:
 
         if "vae" not in inspect.signature(sdjax.load).parameters:
             raise UsageError("--vae: this sdjax's load() takes no separate VAE yet")
+    from sdjax.guidance import cli_options
+
+    try:
+        args.guidance_method = cli_options.build(args)
+        if args.guidance_method is not None:
+            args.guidance_method.check(get_sampler(sampler))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a folder")
@@ -644,23 +656,12 @@ def _name(path: str | None) -> str:
 
 
 def _decode(pipe: Any, latents: Any) -> list[Any]:
-    """Final latents (diffusers layout) -> PIL images, as the pipeline's own decoder does."""
-    import jax
-    import jax.numpy as jnp
+    """Final latents (diffusers layout) -> PIL images, with the pipeline's own decoder."""
     import numpy as np
 
-    from sdjax.images import to_pil
-    from sdjax.models.vae import AutoencoderKL, unscale_latents
+    from sdjax.generation.host import decode
 
-    vae = pipe.vae
-
-    @jax.jit
-    def decode(params: Any, z: Any) -> Any:
-        pixels = vae.apply({"params": params}, unscale_latents(z, vae.config).astype(vae.dtype),
-                           method=AutoencoderKL.decode)
-        return jnp.clip(pixels.astype(jnp.float32) / 2.0 + 0.5, 0.0, 1.0)
-
-    return to_pil(np.asarray(decode(pipe.params["vae"], jnp.asarray(latents).transpose(0, 2, 3, 1))))
+    return decode(pipe, np.ascontiguousarray(np.asarray(latents).transpose(0, 2, 3, 1)), "pil")
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -678,6 +679,7 @@ def _generate(args: argparse.Namespace) -> None:
     if args.refiner:
         _check_model(args, {**_peek_configs(args.refiner), "unet": None}, height, width, devices)
 
+    from sdjax.guidance import cli_options
     from sdjax.hashes import short_hash
     from sdjax.images import save_image, write_new
     from sdjax.parallel import data_mesh
@@ -722,6 +724,9 @@ def _generate(args: argparse.Namespace) -> None:
         sampler=args.sampler, schedule=args.schedule, clip_skip=args.clip_skip,
         guidance_rescale=args.guidance_rescale, eta=args.eta,
     )
+    if args.guidance_method is not None:  # a method from the guidance options replaces the plain CFG shorthand
+        del options["guidance_scale"], options["guidance_rescale"]
+        options["guidance"] = args.guidance_method
     if mesh is not None:
         options["mesh"] = mesh
     if args.prompt_2 is not None:
@@ -766,7 +771,8 @@ def _generate(args: argparse.Namespace) -> None:
         latents = result if want_latents else None
         pictures = _decode(decoder, result) if want_latents else result
         for i, picture in enumerate(pictures):
-            text = a1111_parameters(args, seed + i, picture.width, picture.height, names)
+            text = a1111_parameters(args, seed + i, picture.width, picture.height, names,
+                                    extra=cli_options.metadata(args))
             path = _write_numbered(out_dir, seed + i, args.format, lambda p, pic=picture, t=text: save_image(pic, p, t))
             written.append(path)
             if latents is not None:

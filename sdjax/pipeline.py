@@ -87,7 +87,7 @@ class Pipeline:
     # --- generation (the public API): all three tasks build one Request and run it --------------------------
 
     def text_to_image(
-        self, prompt: str | list[str], *, negative_prompt: str | list[str] | None = None,
+        self, prompt: str | list[str] | None = None, *, negative_prompt: str | list[str] | None = None,
         num_steps: int = 30, guidance: Any = None, guidance_scale: Any = None, sampler: str = "euler",
         schedule: str | None = None, seed: int = 0, latents: Any = None, height: int | None = None,
         width: int | None = None, clip_skip: int | None = None, guidance_rescale: float = 0.0,
@@ -107,6 +107,9 @@ class Pipeline:
         ``target_size`` (and their ``negative_`` forms), ``denoising_end`` (base -> refiner hand-off); for
         any model also ``progress`` (a ``(step, total)`` callback) and ``mesh`` (a Mesh with a "data" axis).
         ``eta``: None uses the sampler's own (DDIM 0; ancestral and SDE samplers 1, as diffusers).
+        ``prompt_embeds`` / ``negative_prompt_embeds`` (and SDXL's ``pooled_prompt_embeds``,
+        ``negative_pooled_prompt_embeds``) instead of text, in diffusers' layouts (e.g. from
+        :meth:`encode_prompt`); any task takes them.
         """
         return self._generate("text", _arguments(locals()))
 

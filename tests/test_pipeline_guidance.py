@@ -155,3 +155,24 @@ def test_deepest_clip_skip_diffusers_accepts(tiny) -> None:
                                 guidance_scale=1.0, latents=torch.from_numpy(noise()), output_type="np").images
     got = t2i(model.pipe, guidance_scale=1.0, clip_skip=3)
     assert_images_close(got, want, "clip_skip=3 on a 3-layer encoder")
+
+
+def test_prompt_embeds_in_and_out(tiny) -> None:
+    """encode_prompt's embeddings fed back give the same images as the text; diffusers' layouts."""
+    for kind in ("sd1", "sdxl"):
+        pipe = tiny(kind).pipe
+        embeds = pipe.encode_prompt(PROMPTS, negative_prompt=["blurry", "ugly"])
+        from_text = t2i(pipe, negative_prompt=["blurry", "ugly"], guidance_scale=5.0)
+        from_embeds = pipe.text_to_image(sampler="euler", num_steps=STEPS, height=HEIGHT, width=WIDTH,
+                                         latents=noise(), guidance_scale=5.0, **embeds._asdict())
+        np.testing.assert_allclose(from_embeds, from_text, atol=1e-5, err_msg=kind)
+        # only the prompt's embeddings: the negative is encoded from its text, padded to the same length
+        partial = pipe.text_to_image(negative_prompt=["blurry", "ugly"], sampler="euler", num_steps=STEPS,
+                                     height=HEIGHT, width=WIDTH, latents=noise(), guidance_scale=5.0,
+                                     prompt_embeds=embeds.prompt_embeds,
+                                     pooled_prompt_embeds=embeds.pooled_prompt_embeds)
+        np.testing.assert_allclose(partial, from_text, atol=1e-5, err_msg=kind)
+    with pytest.raises(ValueError, match="either prompt or prompt_embeds"):
+        pipe.text_to_image("x", prompt_embeds=embeds.prompt_embeds)
+    with pytest.raises(ValueError, match="SDXL model needs pooled_prompt_embeds"):
+        pipe.text_to_image(prompt_embeds=embeds.prompt_embeds)

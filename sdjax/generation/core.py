@@ -99,7 +99,8 @@ class Inputs:
     whole batch (replicated on every device)."""
 
     keys: Any = batched()  # (B, 2) uint32 per-image keys
-    ids: Any = batched()  # {pass: token ids per encoder}: the passes that have text
+    ids: Any = batched()  # {pass: token ids per encoder}: the passes encoded from text
+    embeds: Any = batched(default=None)  # {pass: (context, pooled or None)}: the passes given as embeddings
     eta: Any = None  # the sampler's eta (always given: its default when the user gives none)
     time_ids: Any = batched(default=None)  # SDXL: {pass: (B, 5 or 6)} micro-conditioning
     noise: Any = batched(default=None)  # (B, h, w, C) starting noise (the user's latents), else drawn from keys
@@ -119,9 +120,9 @@ class Inputs:
 def _encode_passes(model: Model, plan: Plan, params: Mapping[str, Any], inputs: Inputs
                    ) -> dict[str, tuple[jax.Array, jax.Array | None]]:
     """{pass: (context, pooled)} for every pass the plan may run."""
-    encoded = {}
+    encoded = dict(inputs.embeds or {})
     for name in plan.passes:
-        if name in plan.zero_passes:
+        if name in plan.zero_passes or name in encoded:
             continue
         encoded[name] = text.encode_modules(model.is_sdxl, model.text_encoders, params, inputs.ids[name],
                                             plan.clip_skip, plan.emphasis)

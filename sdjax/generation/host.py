@@ -136,15 +136,20 @@ def prepare(pipe: Any, request: Request, *, image_index_offset: int = 0) -> Prep
             zero_passes += (UNCOND,)
         if EMPTY in passes:
             zero_passes += (EMPTY,)
-    prompts = list(r.prompts)
     tokens = lambda texts, texts_2=None: text.prompt_tokens(pipe, texts, texts_2, emphasis=r.emphasis)  # noqa: E731
-    ids = {COND: tokens(prompts, _as_list(r.sdxl.prompt_2, batch, "prompt_2"))}
-    if UNCOND in passes and UNCOND not in zero_passes:
-        ids[UNCOND] = tokens(negatives or [""] * batch, _as_list(r.sdxl.negative_prompt_2, batch, "negative_prompt_2"))
+    embeds = _given_embeds(pipe, r, passes, zero_passes)
+    ids = {}
+    if COND not in embeds:
+        ids[COND] = tokens(list(r.prompts), _as_list(r.sdxl.prompt_2, batch, "prompt_2"))
+    if UNCOND in passes and UNCOND not in zero_passes and UNCOND not in embeds:
+        negatives_2 = _as_list(r.sdxl.negative_prompt_2, batch, "negative_prompt_2")
+        ids[UNCOND] = tokens(negatives or [""] * batch, negatives_2)
     if EMPTY in passes and EMPTY not in zero_passes:
         ids[EMPTY] = tokens([""] * batch)
     # every pass gets one chunk count (the longest prompt's): the UNet's context has one sequence length
     ids = dict(zip(ids, text.equal_chunks(pipe, *ids.values()), strict=True))
+    if embeds and ids:
+        ids = _pad_to_embeds(pipe, ids, embeds[COND][0].shape[1])
     time_ids = None
     if pipe.is_sdxl:
         time_ids = _time_ids(pipe, r, height, width, batch)
@@ -155,7 +160,8 @@ def prepare(pipe: Any, request: Request, *, image_index_offset: int = 0) -> Prep
         strength = np.float32(r.strength)
     inputs = Inputs(
         keys=np.asarray(parallel.image_keys(r.seed, image_index_offset + np.arange(batch))),
-        ids=ids, eta=np.float32(eta), time_ids=time_ids, noise=noise, image=image, mask=mask, strength=strength,
+        ids=ids, embeds=embeds or None, eta=np.float32(eta), time_ids=time_ids, noise=noise, image=image,
+        mask=mask, strength=strength,
         lcm_scale=lcm_scale,
     )
     plan = Plan(sampler=r.sampler, sigma_schedule=r.schedule, num_steps=r.num_steps, latent_size=latent_size,
@@ -163,6 +169,35 @@ def prepare(pipe: Any, request: Request, *, image_index_offset: int = 0) -> Prep
                 start_from_noise=r.task == "inpaint" and r.strength == 1.0, denoising_start=r.denoising_start,
                 denoising_end=r.denoising_end, sweep=sweep)
     return Prepared(plan, inputs, as_arrays(method), batch)
+
+
+def _given_embeds(pipe: Any, r: Request, passes: tuple[str, ...], zero_passes: tuple[str, ...]
+                  ) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+    """{pass: (context, pooled)} from prompt_embeds= and friends (diffusers' layouts), checked against the model."""
+    e = r.embeds
+    if e is None:
+        return {}
+    width = pipe.unet.config.cross_attention_dim
+    if e.prompt_embeds.shape[-1] != width:
+        raise ValueError(f"prompt_embeds has width {e.prompt_embeds.shape[-1]}; this UNet's context is {width} wide")
+    if pipe.is_sdxl and e.pooled_prompt_embeds is None:
+        raise ValueError("an SDXL model needs pooled_prompt_embeds with prompt_embeds")
+    out = {COND: (e.prompt_embeds, e.pooled_prompt_embeds if pipe.is_sdxl else None)}
+    if UNCOND in passes and UNCOND not in zero_passes and e.negative_prompt_embeds is not None:
+        if pipe.is_sdxl and e.negative_pooled_prompt_embeds is None:
+            raise ValueError("an SDXL model needs negative_pooled_prompt_embeds with negative_prompt_embeds")
+        out[UNCOND] = (e.negative_prompt_embeds, e.negative_pooled_prompt_embeds if pipe.is_sdxl else None)
+    return out
+
+
+def _pad_to_embeds(pipe: Any, ids: dict[str, Any], length: int) -> dict[str, Any]:
+    """Text-encoded passes padded to the given embeddings' sequence length (77 tokens a chunk)."""
+    have = next(iter(next(iter(ids.values())).values())).chunks
+    if length % 77 or length // 77 < have:
+        raise ValueError(f"prompt_embeds has sequence length {length}; the text-encoded passes need a multiple of "
+                         f"77 of at least {77 * have}: give negative_prompt_embeds too")
+    return {name: {enc: text.pad_to_chunks(t, length // 77, pipe.text_encoders[enc].tokenizer)
+                   for enc, t in per_pass.items()} for name, per_pass in ids.items()}
 
 
 def _time_ids(pipe: Any, r: Request, height: int, width: int, batch: int) -> dict[str, np.ndarray]:

@@ -47,6 +47,42 @@ class SDXLOptions:
 
 
 @dataclasses.dataclass(frozen=True)
+class PromptEmbeds:
+    """Conditioning made elsewhere, in diffusers' layouts: (B, S, D) contexts, SDXL's (B, P) pooled ones."""
+
+    prompt_embeds: np.ndarray
+    negative_prompt_embeds: np.ndarray | None = None
+    pooled_prompt_embeds: np.ndarray | None = None
+    negative_pooled_prompt_embeds: np.ndarray | None = None
+
+    @classmethod
+    def build(cls, prompt_embeds: Any, negative_prompt_embeds: Any, pooled: Any, negative_pooled: Any
+              ) -> PromptEmbeds:
+        def array(value: Any, name: str, ndim: int) -> np.ndarray | None:
+            if value is None:
+                return None
+            value = np.asarray(value, np.float32)
+            if value.ndim != ndim:
+                raise ValueError(f"{name} must have {ndim} dimensions, got shape {value.shape}")
+            return value
+
+        embeds = cls(array(prompt_embeds, "prompt_embeds", 3),
+                     array(negative_prompt_embeds, "negative_prompt_embeds", 3),
+                     array(pooled, "pooled_prompt_embeds", 2),
+                     array(negative_pooled, "negative_pooled_prompt_embeds", 2))
+        batch = embeds.prompt_embeds.shape[0]
+        for name in ("negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds"):
+            value = getattr(embeds, name)
+            if value is not None and value.shape[0] != batch:
+                raise ValueError(f"{name} has batch {value.shape[0]}; prompt_embeds has {batch}")
+        negative = embeds.negative_prompt_embeds
+        if negative is not None and negative.shape != embeds.prompt_embeds.shape:
+            raise ValueError(f"negative_prompt_embeds has shape {negative.shape}; prompt_embeds has "
+                             f"{embeds.prompt_embeds.shape} (diffusers requires the same)")
+        return embeds
+
+
+@dataclasses.dataclass(frozen=True)
 class Request:
     """Everything one call generates from. Built by :meth:`build`, which checks every value."""
 
@@ -72,10 +108,11 @@ class Request:
     sdxl: SDXLOptions = SDXLOptions()
     guidance_scale: float | None = None  # the plain number given as guidance_scale (LCM embeds it), if any
     emphasis: str = "original"  # A1111's emphasis: "original" (restore the mean), "no_norm", "none" (literal)
+    embeds: PromptEmbeds | None = None  # prompt_embeds= and friends instead of text
 
     @property
     def batch(self) -> int:
-        return len(self.prompts)
+        return len(self.prompts) if self.embeds is None else self.embeds.prompt_embeds.shape[0]
 
     @property
     def sweep(self) -> int | None:
@@ -87,18 +124,36 @@ class Request:
               sampler: str = "euler", schedule: str | None = None, seed: Any = 0, latents: Any = None,
               height: Any = None, width: Any = None, clip_skip: Any = None, eta: Any = None, output: str = "np",
               image: Any = None, mask: Any = None, strength: Any = None, denoising_start: Any = None,
-              denoising_end: Any = None, emphasis: str = "original", **sdxl: Any) -> Request:
+              denoising_end: Any = None, emphasis: str = "original", prompt_embeds: Any = None,
+              negative_prompt_embeds: Any = None, pooled_prompt_embeds: Any = None,
+              negative_pooled_prompt_embeds: Any = None, **sdxl: Any) -> Request:
         """Check the keywords of a task call (each error names the keyword) and build the request."""
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; valid: {', '.join(TASKS)}")
-        prompts = _prompts(prompt, "prompt")
-        if not prompts:
-            raise ValueError("prompt is empty: give a string or a non-empty list of strings")
+        embeds = None
+        if prompt_embeds is not None:
+            if prompt is not None:
+                raise ValueError("give either prompt or prompt_embeds, not both")
+            embeds = PromptEmbeds.build(prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
+                                        negative_pooled_prompt_embeds)
+            prompts = []
+        else:
+            for name, value in (("negative_prompt_embeds", negative_prompt_embeds),
+                                ("pooled_prompt_embeds", pooled_prompt_embeds),
+                                ("negative_pooled_prompt_embeds", negative_pooled_prompt_embeds)):
+                if value is not None:
+                    raise ValueError(f"{name} needs prompt_embeds")
+            prompts = _prompts(prompt, "prompt")
+            if not prompts:
+                raise ValueError("prompt is empty: give a string or a non-empty list of strings")
+        if embeds is not None and negative_prompt_embeds is not None and negative_prompt is not None:
+            raise ValueError("give either negative_prompt or negative_prompt_embeds, not both")
+        n = len(prompts) if embeds is None else embeds.prompt_embeds.shape[0]
         negatives = None if negative_prompt is None else _prompts(negative_prompt, "negative_prompt")
-        if negatives is not None and len(negatives) == 1 and len(prompts) > 1:
-            negatives = negatives * len(prompts)
-        if negatives is not None and len(negatives) != len(prompts):
-            raise ValueError(f"negative_prompt has {len(negatives)} entries but the batch has {len(prompts)} prompts")
+        if negatives is not None and len(negatives) == 1 and n > 1:
+            negatives = negatives * n
+        if negatives is not None and len(negatives) != n:
+            raise ValueError(f"negative_prompt has {len(negatives)} entries but the batch has {n} prompts")
         unknown = set(sdxl) - SDXLOptions.names()
         if unknown:
             raise TypeError(f"unexpected keyword argument(s): {', '.join(sorted(unknown))}")
@@ -151,6 +206,7 @@ class Request:
             denoising_end=None if denoising_end is None else _number(denoising_end, "denoising_end"),
             sdxl=SDXLOptions(**sdxl),
             emphasis=emphasis,
+            embeds=embeds,
         )
 
 

@@ -1,0 +1,134 @@
+"""The command line's guidance options: parser group, the method they build, and their A1111 metadata."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from sdjax.guidance.methods import (
+    APG,
+    CFG,
+    CFGPlusPlus,
+    ClampLinear,
+    ClassifierGuidance,
+    Conditional,
+    Cosine,
+    Interval,
+    Linear,
+    Method,
+    PerpNeg,
+)
+
+SCHEDULES = ("constant", "linear", "cosine", "clamp-linear")
+RESCALE_SPACES = ("output", "eps", "x0", "v")
+DEFAULT_CLASSIFIER_SCALE = 10.0  # works for the embedded default model with its latent classifier
+
+
+class GuidanceError(ValueError):
+    """A bad guidance option (the message names it)."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("guidance research")
+    g.add_argument("--guidance-schedule", choices=SCHEDULES, default="constant",
+                   help="CFG scale over the steps (Wang et al. 2024): linear / cosine rise from 0 to 2x --guidance "
+                        "(mean --guidance); clamp-linear never below --guidance-clamp")
+    g.add_argument("--guidance-clamp", type=float, default=1.0, help="lower bound of the clamp-linear schedule")
+    g.add_argument("--guidance-interval", metavar="SIGMA_MIN:SIGMA_MAX",
+                   help="guide only where sigma is in (min, max] (Kynkäänniemi et al. 2024); outside, one UNet "
+                        "pass (default: everywhere)")
+    g.add_argument("--rescale-space", choices=RESCALE_SPACES, default="output",
+                   help="space --guidance-rescale works in: the model's output (diffusers), eps, x0 or v (ComfyUI)")
+    g.add_argument("--cfg-pp", type=float, metavar="LAMBDA",
+                   help="CFG++ (Chung et al. 2025) with this lambda in [0, 1] instead of CFG; samplers ddim, euler, "
+                        "euler_a, dpmpp_2m (default: off)")
+    g.add_argument("--apg", action="store_true",
+                   help="adaptive projected guidance (Sadat et al. 2025) at scale --guidance instead of CFG")
+    g.add_argument("--apg-eta", type=float, default=0.0, help="APG: weight of the parallel component")
+    g.add_argument("--apg-momentum", type=float, default=0.0, help="APG: momentum of the running average")
+    g.add_argument("--apg-norm-threshold", type=float, default=0.0, help="APG: norm cap of the update (0: none)")
+    g.add_argument("--perp-neg", type=float, metavar="NEG_SCALE",
+                   help="Perp-Neg (Armandpour et al. 2023): the negative prompt's part along the prompt is removed "
+                        "(three UNet passes) (default: off)")
+    g.add_argument("--classifier-guidance", action="append", default=[], metavar="HEAD=VALUE",
+                   help="guide with the embedded default model's noise-aware latent classifier, e.g. shape=triangle, "
+                        "color=red, background=blue (repeatable; algorithm 1 with --sampler ddpm, else 2)")
+    g.add_argument("--classifier-scale", type=float, default=DEFAULT_CLASSIFIER_SCALE,
+                   help="scale of --classifier-guidance")
+
+
+def _interval(text: str) -> tuple[float, float]:
+    try:
+        low, high = (float(v) if v else None for v in text.split(":"))
+    except ValueError:
+        raise GuidanceError(f"--guidance-interval {text!r}: give SIGMA_MIN:SIGMA_MAX, e.g. 0.3:5") from None
+    low = 0.0 if low is None else low
+    high = float("inf") if high is None else high
+    if not 0.0 <= low < high:
+        raise GuidanceError(f"--guidance-interval {text!r}: need 0 <= SIGMA_MIN < SIGMA_MAX")
+    return low, high
+
+
+def build(args: argparse.Namespace) -> Method | None:
+    """The method the options ask for, or None when only --guidance / --guidance-rescale are used (plain CFG)."""
+    chosen = [name for name, on in (("--cfg-pp", args.cfg_pp is not None), ("--apg", args.apg),
+                                    ("--perp-neg", args.perp_neg is not None)) if on]
+    if len(chosen) > 1:
+        raise GuidanceError(f"{' and '.join(chosen)}: choose one guidance method")
+    plain = (not chosen and args.guidance_schedule == "constant" and args.guidance_interval is None
+             and args.rescale_space == "output" and not args.classifier_guidance)
+    if plain:
+        return None
+    scale: Any = args.guidance
+    if args.guidance_schedule == "linear":
+        scale = Linear(args.guidance)
+    elif args.guidance_schedule == "cosine":
+        scale = Cosine(args.guidance)
+    elif args.guidance_schedule == "clamp-linear":
+        scale = ClampLinear(args.guidance, clamp=args.guidance_clamp)
+    if args.cfg_pp is not None:
+        if not 0.0 <= args.cfg_pp <= 1.0:
+            raise GuidanceError(f"--cfg-pp must be in [0, 1], got {args.cfg_pp:g}")
+        method: Method = CFGPlusPlus(args.cfg_pp)
+    elif args.apg:
+        method = APG(scale, eta=args.apg_eta, momentum=args.apg_momentum, norm_threshold=args.apg_norm_threshold)
+    elif args.perp_neg is not None:
+        method = PerpNeg(scale, neg_scale=args.perp_neg)
+    elif args.guidance_schedule == "constant" and args.guidance <= 1.0:
+        method = Conditional()
+    else:
+        method = CFG(scale, rescale=args.guidance_rescale, rescale_space=args.rescale_space)
+    if args.guidance_interval is not None:
+        low, high = _interval(args.guidance_interval)
+        method = Interval(method, sigma_min=low, sigma_max=high)
+    for target in args.classifier_guidance:
+        method = ClassifierGuidance(_classifier(target), args.classifier_scale, inner=method)
+    return method
+
+
+def _classifier(target: str) -> Any:
+    from sdjax import latent_classifier
+
+    try:
+        head, value = latent_classifier.parse_target(target)
+    except ValueError as e:
+        raise GuidanceError(f"--classifier-guidance: {e}") from None
+    return latent_classifier.log_prob_fn(head, value)
+
+
+def metadata(args: argparse.Namespace) -> dict[str, Any]:
+    """A1111-style ``parameters`` fields for the options that change the image (None: not used)."""
+    interval = args.guidance_interval
+    return {
+        "CFG schedule": None if args.guidance_schedule == "constant" else (
+            f"clamp-linear {args.guidance_clamp:g}" if args.guidance_schedule == "clamp-linear"
+            else args.guidance_schedule),
+        "Guidance interval": interval,
+        "CFG rescale space": None if args.rescale_space == "output" else args.rescale_space,
+        "CFG++": None if args.cfg_pp is None else f"{args.cfg_pp:g}",
+        "APG": (f"eta {args.apg_eta:g}, momentum {args.apg_momentum:g}, norm threshold {args.apg_norm_threshold:g}"
+                if args.apg else None),
+        "Perp-Neg": None if args.perp_neg is None else f"{args.perp_neg:g}",
+        "Classifier guidance": (", ".join(args.classifier_guidance) + f" (scale {args.classifier_scale:g})"
+                                if args.classifier_guidance else None),
+    }
