@@ -219,7 +219,8 @@ def noise_level(config: SchedulerConfig) -> Callable[[jax.Array], tuple[jax.Arra
     return level
 
 
-PASSES = ("cond", "uncond")
+# "empty" (the always-empty prompt of some methods) is the unconditional model here too
+PASSES = ("cond", "uncond", "empty")
 
 
 def smoothed(gm: GaussianMixture, std: float) -> GaussianMixture:
@@ -233,8 +234,8 @@ def model_fn(gm: GaussianMixture, labels: jax.Array, config: SchedulerConfig, *,
     """``model_fn(x_in, t, passes) -> {pass: output}`` for ``sample(..., guidance=...)``, outputs in the
     config's prediction_type; ``labels`` (B,) int, one class per image.
 
-    "cond" is the exact denoiser of image b's class ``labels[b]``, "uncond" the marginal one. ``cond`` /
-    ``uncond`` replace the mixture a pass denoises (default ``gm``, i.e. an exact model): e.g.
+    "cond" is the exact denoiser of image b's class ``labels[b]``, "uncond" and "empty" the marginal one.
+    ``cond`` / ``uncond`` replace the mixture a pass denoises (default ``gm``, i.e. an exact model): e.g.
     ``uncond=smoothed(gm, 0.4)`` models an unconditional model that fits worse than the conditional one,
     which is how Karras et al. 2024 ("Guiding a diffusion model with a bad version of itself") explain why
     CFG raises precision in practice.
@@ -242,7 +243,8 @@ def model_fn(gm: GaussianMixture, labels: jax.Array, config: SchedulerConfig, *,
     level = noise_level(config)
     labels = jnp.asarray(labels, jnp.int32)
     pred = config.prediction_type
-    mixtures = {"cond": gm if cond is None else cond, "uncond": gm if uncond is None else uncond}
+    uncond = gm if uncond is None else uncond
+    mixtures = {"cond": gm if cond is None else cond, "uncond": uncond, "empty": uncond}
 
     def fn(x_in: jax.Array, t: jax.Array, passes: Sequence[str]) -> dict[str, jax.Array]:
         unknown = [p for p in passes if p not in PASSES]
@@ -271,7 +273,7 @@ def cfg_model_fn(gm: GaussianMixture, labels: jax.Array, config: SchedulerConfig
     level = noise_level(config)
 
     def combined(x_in: jax.Array, t: jax.Array) -> jax.Array:
-        out = fn(x_in, t, PASSES)
+        out = fn(x_in, t, ("cond", "uncond"))
         w = jnp.asarray(scale, jnp.float32)
         if interval is not None:
             alpha, sigma_t = level(t)
