@@ -13,6 +13,9 @@ from sdjax.samplers.denoiser import output_to_x0_eps
 from sdjax.samplers.schedules import SchedulerConfig
 
 DETERMINISTIC = [name for name, spec in SAMPLERS.items() if not spec.stochastic]
+# LCM is left out: its boundary condition assumes a consistency-distilled model, so with an ordinary denoiser it
+# does not sample the data distribution (sliced W2 0.13 at 30 steps, five times the sampling noise)
+STOCHASTIC = [name for name, spec in SAMPLERS.items() if spec.stochastic and name != "lcm"]
 
 
 def _mixture_1d() -> tb.GaussianMixture:
@@ -105,24 +108,37 @@ def test_noise_level_is_the_latents_noise_level(sampler, sigmas):
         np.testing.assert_allclose(np.asarray(sigma_t / alpha), want, rtol=2e-5)
 
 
+def _distance_to_truth(sampler: str, steps: int, n: int = 4096, **kwargs) -> tuple[float, float]:
+    """(sliced W2 of scale-1 samples to the true conditional, that of two true sets): 8-D mixture, 4 classes."""
+    gm = tb.random_mixture(3, 8)
+    labels = jnp.arange(n) % gm.num_classes
+    real = tb.sample_true(gm, jax.random.key(7), labels)
+    floor = float(tb.sliced_wasserstein(real, tb.sample_true(gm, jax.random.key(8), labels), jax.random.key(9)))
+    sched = make_schedule(tb.CONFIG, sampler, steps)
+    x = jax.random.normal(jax.random.key(0), (n, gm.dim)) * sched.init_noise_sigma
+    out = jax.jit(lambda x: sample(tb.cfg_model_fn(gm, labels, tb.CONFIG, 1.0), x, sched, **kwargs))(x)
+    return float(tb.sliced_wasserstein(out, real, jax.random.key(9))), floor
+
+
 @pytest.mark.parametrize("sampler", DETERMINISTIC)
 def test_deterministic_sampler_at_scale_1_reaches_the_true_conditional(sampler, fast_compile):
     """CFG scale 1 is the conditional model: samples approach p(x | c), closer with more steps, down to the
     sampling noise of two sets of true samples (sliced W2 in 8 dimensions, 4096 samples)."""
-    gm = tb.random_mixture(3, 8)
-    n = 4096
-    labels = jnp.arange(n) % gm.num_classes
-    real = tb.sample_true(gm, jax.random.key(7), labels)
-    floor = float(tb.sliced_wasserstein(real, tb.sample_true(gm, jax.random.key(8), labels), jax.random.key(9)))
     distances = []
     for steps in (4, 30):
-        sched = make_schedule(tb.CONFIG, sampler, steps)
-        x = jax.random.normal(jax.random.key(0), (n, gm.dim)) * sched.init_noise_sigma
-        out = jax.jit(lambda x, s=sched: sample(tb.cfg_model_fn(gm, labels, tb.CONFIG, 1.0), x, s))(x)
-        distances.append(float(tb.sliced_wasserstein(out, real, jax.random.key(9))))
+        distance, floor = _distance_to_truth(sampler, steps)
+        distances.append(distance)
     coarse, fine = distances
     assert fine < 1.6 * floor, (distances, floor)
     assert coarse > 1.5 * fine, (distances, floor)
+
+
+@pytest.mark.parametrize("sampler", STOCHASTIC)
+def test_stochastic_sampler_at_scale_1_reaches_the_true_conditional(sampler, fast_compile):
+    """Ancestral and SDE samplers at 30 steps: within 2.5x the sampling noise (Euler a / DDPM, first order,
+    measured 2x; the DPM++ SDE samplers 1.2x)."""
+    distance, floor = _distance_to_truth(sampler, 30, keys=jax.random.split(jax.random.key(42), 4096))
+    assert distance < 2.5 * floor, (distance, floor)
 
 
 def _run_cfg(gm, sampler="dpmpp_2m", steps=30, n=1024, label=0, **mixtures):
