@@ -51,7 +51,7 @@ def sweep(gm: tb.GaussianMixture, n: int, label: int, interval: tuple[float, flo
 
 
 def table(title: str, rows: dict[str, list[dict[str, float]]]) -> str:
-    keys = ("precision", "accuracy", "recall", "diversity", "sliced_w2")
+    keys = ("precision", "accuracy", "recall", "coverage", "diversity", "sliced_w2")
     lines = [f"### {title}", "", "| setting | scale | " + " | ".join(keys) + " |",
              "|---|---|" + "---|" * len(keys)]
     for name, ms in rows.items():
