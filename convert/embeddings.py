@@ -27,7 +27,8 @@ import numpy as np
 
 from sdjax.convert.safe_load import CheckpointError, is_torch_pickle, load_pickle, read_state_dict
 
-__all__ = ["EmbeddingError", "apply_embeddings", "expand_prompt", "expand_tokens", "read_embedding"]
+__all__ = ["EmbeddingError", "apply_embeddings", "embedding_token_groups", "expand_prompt", "expand_tokens",
+           "read_embedding"]
 
 EmbeddingSource = str | os.PathLike | Mapping[str, Any]
 
@@ -238,3 +239,10 @@ def expand_prompt(pipe: Any, prompt: str, encoder: str | None = None) -> str:
     if name not in pipe.text_encoders:
         raise ValueError(f"unknown text encoder {name!r}; this model has {', '.join(pipe.text_encoders)}")
     return expand_tokens(pipe.text_encoders[name].tokenizer, prompt)
+
+
+def embedding_token_groups(tokenizer: Any) -> dict[int, list[int]]:
+    """Token id of each multi-vector embedding's first vector -> the ids of all its vectors, in order. Prompt
+    chunking (:mod:`sdjax.tokenizer`) expands and keeps each group together with this."""
+    return {first: [first, *tokenizer.convert_tokens_to_ids(rest)]
+            for first, rest in _multi_vector_tokens(tokenizer).items()}

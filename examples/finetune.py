@@ -18,7 +18,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import sdjax
-from sdjax.text import token_ids
+from sdjax.text import pad_to_chunks, token_ids
 from sdjax.train import (
     TrainConfig,
     checkpoint_manager,
@@ -90,8 +90,11 @@ def main() -> None:
                          train_text_encoder=args.train_text_encoder, ema_decay=args.ema_decay,
                          min_snr_gamma=args.min_snr_gamma, offset_noise=args.offset_noise, seed=args.seed)
     images, captions = load_dataset(args.data, args.resolution or pipe.default_size)
-    ids = {name: token_ids(pipe, captions, name) for name in pipe.text_encoders}
-    empty = {name: token_ids(pipe, [""], name)[0] for name in pipe.text_encoders}
+    # Captions as written (no emphasis syntax); long ones in several chunks, the empty caption padded to match.
+    ids = {name: token_ids(pipe, captions, name, emphasis="none") for name in pipe.text_encoders}
+    empty = {name: pad_to_chunks(token_ids(pipe, [""], name), ids[name].chunks,
+                                 pipe.text_encoders[name].tokenizer).ids[0] for name in pipe.text_encoders}
+    ids = {name: t.ids for name, t in ids.items()}
 
     state = create_train_state(pipe, config)
     manager = checkpoint_manager(args.out / "checkpoints")

@@ -1,8 +1,8 @@
 """Data parallelism: a ``"data"`` mesh over every device, replicated params, sharded batches, per-image keys.
 
-An image depends only on its seed and its index in the request: its noise comes from
-``fold_in(PRNGKey(seed), index)``. Batches are padded up to a multiple of the device count (padding images are
-computed and dropped), so neither batch size nor device count changes any image.
+An image depends only on its seed: image i of a request with seed s draws from ``PRNGKey(s + i)``, so it is
+the image seed s + i gives alone (A1111's convention). Batches are padded up to a multiple of the device
+count (padding images are computed and dropped), so neither batch size nor device count changes any image.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -35,10 +34,14 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(DATA))
 
 
-def image_keys(seed: int | jax.Array, indices: jax.Array) -> jax.Array:
-    """One PRNG key per image: ``fold_in(PRNGKey(seed), index)``. Returns raw uint32 keys of shape (B, 2)."""
-    base = jax.random.PRNGKey(seed)
-    return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(indices, dtype=jnp.uint32))
+def image_keys(seed: int, indices: Any) -> np.ndarray:
+    """One PRNG key per image: ``PRNGKey(seed + index)``, as raw uint32 keys of shape (B, 2).
+
+    Computed on the host as threefry's seeding does (the high and low 32 bits of the seed), so seeds past
+    2**32 (seed + index) stay exact.
+    """
+    seeds = int(seed) + np.asarray(indices, dtype=np.uint64)
+    return np.stack([seeds >> np.uint64(32), seeds & np.uint64(0xFFFFFFFF)], axis=-1).astype(np.uint32)
 
 
 def padded_size(batch: int, mesh: Mesh) -> int:

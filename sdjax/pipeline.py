@@ -1,7 +1,7 @@
 """The Pipeline: configs, Flax modules, one params pytree and the tokenizers of a Stable Diffusion model.
 
 ``sdjax.load(path)`` builds one from a diffusers folder (or, via ``convert/``, a single-file checkpoint). The
-generation methods (text-to-image, image-to-image, inpainting) all call one core in ``sdjax.generate``.
+generation methods (text-to-image, image-to-image, inpainting) all build one ``sdjax.generation.Request``.
 """
 
 from __future__ import annotations
@@ -84,21 +84,26 @@ class Pipeline:
 
         return apply_embeddings(self, source, token=token)
 
-    # --- generation (the public API): all three tasks call sdjax.generate.run -----------------------------
+    # --- generation (the public API): all three tasks build one Request and run it --------------------------
 
     def text_to_image(
         self, prompt: str | list[str], *, negative_prompt: str | list[str] | None = None,
-        num_steps: int = 30, guidance_scale: float = 7.5, sampler: str = "euler", schedule: str | None = None,
-        seed: int = 0, latents: Any = None, height: int | None = None, width: int | None = None,
-        clip_skip: int | None = None, guidance_rescale: float = 0.0, eta: float | None = None, output: str = "np",
-        **sdxl_options: Any,
+        num_steps: int = 30, guidance: Any = None, guidance_scale: Any = None, sampler: str = "euler",
+        schedule: str | None = None, seed: int = 0, latents: Any = None, height: int | None = None,
+        width: int | None = None, clip_skip: int | None = None, guidance_rescale: float = 0.0,
+        eta: float | None = None, output: str = "np", **options: Any,
     ) -> Any:
         """Generate images from text. Returns (B, H, W, 3) float32 in [0, 1] (``output="np"``), a list of PIL
         images (``"pil"``) or the final latents in diffusers' (B, C, H/8, W/8) layout (``"latent"``).
 
+        ``guidance``: a method from :mod:`sdjax.guidance` (``guidance.CFG(7.5)``, ``Interval``, ``APG``, ...);
+        or the shorthand ``guidance_scale`` (default 7.5; <= 1 runs the conditional pass only) and
+        ``guidance_rescale``. A list of scales (or a 1-D array in any numeric field of a method) is a sweep:
+        the result gains a leading axis K, each k on the same noise.
         ``latents``: unscaled standard-normal starting noise in diffusers' layout (the same noise gives the
-        same image as diffusers). Otherwise image i draws its noise from ``fold_in(PRNGKey(seed), i)``.
-        ``sdxl_options``: ``prompt_2``, ``negative_prompt_2``, ``original_size``, ``crops_coords_top_left``,
+        same image as diffusers); height and width then default to the latents' size. Otherwise image i
+        draws its noise from seed + i (the image that seed + i gives alone).
+        ``options``: SDXL's ``prompt_2``, ``negative_prompt_2``, ``original_size``, ``crops_coords_top_left``,
         ``target_size`` (and their ``negative_`` forms), ``denoising_end`` (base -> refiner hand-off); for
         any model also ``progress`` (a ``(step, total)`` callback) and ``mesh`` (a Mesh with a "data" axis).
         ``eta``: None uses the sampler's own (DDIM 0; ancestral and SDE samplers 1, as diffusers).
@@ -107,10 +112,10 @@ class Pipeline:
 
     def image_to_image(
         self, prompt: str | list[str], image: Any, *, strength: float = 0.8,
-        negative_prompt: str | list[str] | None = None, num_steps: int = 30, guidance_scale: float = 7.5,
-        sampler: str = "euler", schedule: str | None = None, seed: int = 0, latents: Any = None,
-        clip_skip: int | None = None, guidance_rescale: float = 0.0, eta: float | None = None, output: str = "np",
-        **sdxl_options: Any,
+        negative_prompt: str | list[str] | None = None, num_steps: int = 30, guidance: Any = None,
+        guidance_scale: Any = None, sampler: str = "euler", schedule: str | None = None, seed: int = 0,
+        latents: Any = None, clip_skip: int | None = None, guidance_rescale: float = 0.0, eta: float | None = None,
+        output: str = "np", **options: Any,
     ) -> Any:
         """Re-draw ``image`` (PIL image(s) or an array in [0, 1]) guided by ``prompt``; ``strength`` picks how
         much of the schedule runs (1.0 = all of it). ``image`` may also be latents in diffusers' layout, e.g.
@@ -120,10 +125,10 @@ class Pipeline:
 
     def inpaint(
         self, prompt: str | list[str], image: Any, mask: Any, *, strength: float = 1.0,
-        negative_prompt: str | list[str] | None = None, num_steps: int = 30, guidance_scale: float = 7.5,
-        sampler: str = "euler", schedule: str | None = None, seed: int = 0, latents: Any = None,
-        clip_skip: int | None = None, guidance_rescale: float = 0.0, eta: float | None = None, output: str = "np",
-        **sdxl_options: Any,
+        negative_prompt: str | list[str] | None = None, num_steps: int = 30, guidance: Any = None,
+        guidance_scale: Any = None, sampler: str = "euler", schedule: str | None = None, seed: int = 0,
+        latents: Any = None, clip_skip: int | None = None, guidance_rescale: float = 0.0, eta: float | None = None,
+        output: str = "np", **options: Any,
     ) -> Any:
         """Repaint the white part of ``mask`` (same size as ``image``). Works with 9-channel inpainting UNets
         (mask and masked image as extra inputs) and with ordinary UNets (the original is re-imposed outside
@@ -131,19 +136,26 @@ class Pipeline:
         return self._generate("inpaint", _arguments(locals()))
 
     def _generate(self, task: str, options: dict[str, Any]) -> Any:
-        from sdjax.generate import run
+        from sdjax.generation import Request, run
 
-        extra = options.pop("sdxl_options")
-        if not self.is_sdxl and (wrong := sorted(k for k in extra if k in _SDXL_ONLY)):
-            raise TypeError(f"{', '.join(wrong)}: SDXL-only options, but this is not an SDXL model")
-        return run(self, task=task, **options, **extra)
+        extra = options.pop("options")
+        execution = {k: extra.pop(k) for k in ("progress", "mesh", "image_index_offset") if k in extra}
+        request = Request.build(task, options.pop("prompt"), **options, **extra)
+        return run(self, request, **execution)
 
+    def encode_prompt(self, prompt: Any, negative_prompt: Any = None, clip_skip: int | None = None,
+                      **options: Any) -> Any:
+        """Prompt embeddings in diffusers' layout (``sdjax.text.encode_prompt``: ``prompt_2``, ``negative_prompt_2``,
+        ``num_images_per_prompt``, ``emphasis``); A1111's prompt syntax, any length."""
+        from sdjax.text import encode_prompt
 
-_SDXL_ONLY = frozenset({
-    "prompt_2", "negative_prompt_2", "original_size", "crops_coords_top_left", "target_size",
-    "negative_original_size", "negative_crops_coords_top_left", "negative_target_size", "aesthetic_score",
-    "negative_aesthetic_score",
-})
+        return encode_prompt(self, prompt, negative_prompt, clip_skip, **options)
+
+    def with_hypernetwork(self, path: Any, strength: float = 1.0) -> Pipeline:
+        """A new pipeline with an A1111 hypernetwork (.pt) in its UNet's attention; chain calls for several."""
+        from sdjax.convert.hypernetwork import apply_hypernetwork
+
+        return apply_hypernetwork(self, path, strength)
 
 
 def _arguments(scope: dict[str, Any]) -> dict[str, Any]:

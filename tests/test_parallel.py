@@ -35,7 +35,7 @@ import numpy as np
 jax.config.update("jax_disable_most_optimizations", True)
 assert jax.device_count() == 4, jax.devices()
 import sdjax
-from sdjax import generate
+from sdjax.generation import core as generate
 
 folder, out, prompts, options = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4])
 seen = []
@@ -44,15 +44,15 @@ original = generate._compiled
 def recording(model, plan):
     fn = original(model, plan)
 
-    def call(params, inputs):
-        result = fn(params, inputs)
+    def call(params, inputs, method):
+        result = fn(params, inputs, method)
         seen.append({
             "batch": int(result.shape[0]),
             "devices": len(result.sharding.device_set),
             "replicated": bool(result.sharding.is_fully_replicated),
             "shard_batches": sorted(int(s.data.shape[0]) for s in result.addressable_shards),
-            "keys_devices": len(inputs["keys"].sharding.device_set),
-            "keys_replicated": bool(inputs["keys"].sharding.is_fully_replicated),
+            "keys_devices": len(inputs.keys.sharding.device_set),
+            "keys_replicated": bool(inputs.keys.sharding.is_fully_replicated),
             "params_replicated": all(x.sharding.is_fully_replicated for x in jax.tree.leaves(params)),
         })
         return result

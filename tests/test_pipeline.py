@@ -7,8 +7,6 @@ added noise) and compares final [0, 1] images: max abs difference <= 2e-3. Each 
 
 from __future__ import annotations
 
-import warnings
-
 import diffusers
 import numpy as np
 import pytest
@@ -28,7 +26,7 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
-from sdjax import generate
+from sdjax.generation import core as generation_core
 from sdjax.samplers.registry import SAMPLER_INFO, SAMPLERS
 from tests.conftest import (
     GUIDANCE,
@@ -311,11 +309,11 @@ def test_stochastic_sampler_seeds(tiny, name, eta) -> None:
 
 
 class CompileCounter:
-    """Counts new compiled entries of the jitted generation core (``generate._compiled(model, plan)``)."""
+    """Counts new compiled entries of the jitted generation core (``core._compiled(model, plan)``)."""
 
     def __init__(self, monkeypatch) -> None:
         self.new = 0
-        original = generate._compiled
+        original = generation_core._compiled
 
         def counting(model, plan):
             fn = original(model, plan)
@@ -328,7 +326,7 @@ class CompileCounter:
 
             return call
 
-        monkeypatch.setattr(generate, "_compiled", counting)
+        monkeypatch.setattr(generation_core, "_compiled", counting)
 
     def take(self) -> int:
         new, self.new = self.new, 0
@@ -416,7 +414,7 @@ def test_errors(tiny) -> None:
         sd1.text_to_image(PROMPTS, latents=wrong, height=HEIGHT, width=WIDTH)
     with pytest.raises(ValueError, match=r"latents has shape \(1, 4, 8, 12\)"):
         sd1.text_to_image(PROMPTS, latents=noise(1), height=HEIGHT, width=WIDTH)
-    for clip_skip in (2, -1):  # the tiny encoders have 3 layers: 0 and 1 are valid
+    for clip_skip in (4, -1):  # the tiny encoders have 3 layers: 0 to 3 are valid (3: the embeddings' output)
         with pytest.raises(ValueError, match=f"clip_skip={clip_skip}"):
             sd1.text_to_image("x", clip_skip=clip_skip, height=HEIGHT, width=WIDTH)
     with pytest.raises(TypeError, match="original_size: SDXL-only"):
@@ -440,13 +438,17 @@ def test_errors(tiny) -> None:
         sd1.inpaint("x", image, mask)
 
 
-def test_long_prompt_warns_and_is_cut(tiny) -> None:
+def test_long_prompt_is_encoded_in_chunks(tiny) -> None:
+    # More than 75 tokens: two chunks of 77 (A1111), not cut. diffusers, given the same chunked embeddings
+    # (checked against transformers chunk by chunk in test_text.py), draws the same images.
     sd1 = tiny("sd1")
     key = ("euler", None)
-    long_prompt = "cat " * 100  # 100 tokens + begin + end: 25 over the 77-token limit
-    with pytest.warns(UserWarning, match="25 tokens longer than the 77-token limit; the last 25 were cut"):
-        cut = sdjax_t2i(sd1, key, prompts=[long_prompt, PROMPTS[1]])
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        kept = sdjax_t2i(sd1, key, prompts=["cat " * 75, PROMPTS[1]])
-    np.testing.assert_array_equal(cut, kept)
+    prompts = ["cat " * 100, PROMPTS[1]]
+    embeds = sd1.pipe.encode_prompt(prompts, negative_prompt=NEGATIVES)
+    assert embeds.prompt_embeds.shape[1] == embeds.negative_prompt_embeds.shape[1] == 154
+    expected = reference_t2i(sd1, key, prompts=None, prompt_embeds=torch.from_numpy(embeds.prompt_embeds),
+                             negative_prompt_embeds=torch.from_numpy(embeds.negative_prompt_embeds))
+    actual = sdjax_t2i(sd1, key, prompts=prompts, negative_prompt=NEGATIVES)
+    assert_images_close(actual, expected, "100-token prompt")
+    cut = sdjax_t2i(sd1, key, prompts=["cat " * 75, PROMPTS[1]], negative_prompt=NEGATIVES)
+    assert_differ(actual[0], cut[0], "the tokens after the 75th")

@@ -327,3 +327,24 @@ def test_sampler_table():
         "dpmpp_sde", "unipc", "lcm"}
     assert SAMPLER_INFO["pndm"]["a1111"] == "PLMS" and SAMPLER_INFO["ddpm"]["a1111"] is None
     assert "sde-dpmsolver++" in SAMPLER_INFO["dpmpp_2m_sde"]["diffusers"]
+
+
+X0_PROCESSING = {
+    "clip": {**SD1, "clip_sample": True, "clip_sample_range": 0.8},
+    "clip-omitted": {k: v for k, v in SD1.items() if k != "clip_sample"},  # DDIM/DDPM's class default: clip at 1
+    "threshold": {**SD1, "thresholding": True, "dynamic_thresholding_ratio": 0.9, "sample_max_value": 1.5},
+}
+
+
+@pytest.mark.parametrize("config", X0_PROCESSING)
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_x0_clipping_and_thresholding_parity(sampler, config, monkeypatch):
+    """diffusers' DDIM/DDPM clip_sample / Imagen dynamic thresholding, including configs that omit clip_sample."""
+    raw = X0_PROCESSING[config]
+    noise = randn(21) * 2.0  # large latents: x0 estimates leave [-1, 1], so the processing matters
+    keys = jax.random.split(jax.random.key(22), SHAPE[0]) if sampler == "ddpm" else None
+    got = ours(sampler, raw, 6, noise, keys=keys)
+    want = reference(sampler, raw, 6, noise, keys=keys, monkeypatch=monkeypatch)
+    assert_close(got, want)
+    plain = ours(sampler, {**SD1, "clip_sample": False}, 6, noise, keys=keys)
+    assert np.abs(got - plain).max() > 1e-2, "the x0 processing had no effect on this input"

@@ -92,8 +92,7 @@ def test_public_configs_parse():
 
 @pytest.mark.parametrize(("raw", "message"), [
     ({**SD1, "frobnicate": 3}, "frobnicate"),
-    ({**SD1, "thresholding": True}, "thresholding"),
-    ({**SD1, "clip_sample": True}, "clip_sample"),
+    ({**SD1, "dynamic_thresholding_ratio": 1.5}, "dynamic_thresholding_ratio"),
     ({**SD1, "beta_schedule": "sigmoid"}, "beta_schedule"),
     ({**SD1, "timestep_spacing": "sideways"}, "timestep_spacing"),
     ({**SD1, "prediction_type": "flow_prediction"}, "prediction_type"),
@@ -114,11 +113,12 @@ def test_missing_keys_take_the_samplers_diffusers_defaults():
     # keys a file marks as defaulted are treated as missing, as diffusers' from_config does
     saved = {**SDXL, "_use_default_values": ["timestep_spacing"]}
     assert resolve_config(SchedulerConfig.from_dict(saved), "euler").timestep_spacing == "linspace"
-    # DDIM clips x0 when the file omits clip_sample: that is one clear error
+    # DDIM and DDPM clip x0 when the file omits clip_sample, as diffusers' classes default to; others never clip
     no_clip = {k: v for k, v in SD1.items() if k != "clip_sample"}
-    with pytest.raises(ConfigError, match="ddim.*clip_sample"):
-        make_schedule(SchedulerConfig.from_dict(no_clip), "ddim", 10)
-    make_schedule(SchedulerConfig.from_dict(no_clip), "euler", 10)
+    assert make_schedule(SchedulerConfig.from_dict(no_clip), "ddim", 10).x0_processing == ("clip", 1.0)
+    assert make_schedule(SchedulerConfig.from_dict(no_clip), "ddpm", 10).x0_processing == ("clip", 1.0)
+    assert make_schedule(SchedulerConfig.from_dict(no_clip), "euler", 10).x0_processing is None
+    assert make_schedule(SchedulerConfig.from_dict(SD1), "ddim", 10).x0_processing is None
 
 
 @pytest.mark.parametrize("raw", [

@@ -154,7 +154,7 @@ def pipe(model_dir: Path):
 def _ids(pipe, prompts: list[str]) -> dict[str, np.ndarray]:
     from sdjax.text import token_ids
 
-    return {"text_encoder": token_ids(pipe, prompts, "text_encoder")}
+    return {"text_encoder": token_ids(pipe, prompts, "text_encoder").ids}
 
 
 FULL = TrainConfig(learning_rate=2e-3, ema_decay=0.9, max_grad_norm=1.0, seed=1)

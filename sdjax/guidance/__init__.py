@@ -1,7 +1,13 @@
-"""Guidance on raw model outputs (epsilon / v / x0 as the model predicts them).
+"""Guidance: how each step combines the model's passes (classifier-free and its research variants,
+classifier guidance through ``jax.grad``), as pure functions called inside the sampler loop.
 
-Classifier-free guidance runs the UNet once on a batch holding each image's unconditional and conditional
-input side by side; these functions combine the two halves.
+    from sdjax import guidance
+    pipe.text_to_image(prompt, guidance=guidance.CFG(7.5, rescale=0.7))
+    pipe.text_to_image(prompt, guidance=guidance.Interval(guidance.CFG(10.0), sigma_min=0.3, sigma_max=5.0))
+    pipe.text_to_image(prompt, guidance=guidance.CFG(guidance.Linear(7.5)))
+    pipe.text_to_image(prompt, guidance_scale=[3.0, 5.0, 7.5])     # a sweep: (3, B, H, W, 3), same noise
+
+See :mod:`sdjax.guidance.methods` for the methods and :mod:`sdjax.guidance.context` for the step context.
 """
 
 from __future__ import annotations
@@ -9,37 +15,55 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from sdjax.guidance.context import COND, EMPTY, PASSES, UNCOND, Guided, StepContext
+from sdjax.guidance.methods import (
+    APG,
+    CFG,
+    TCFG,
+    CFGPlusPlus,
+    CFGZeroStar,
+    ClampLinear,
+    ClassifierGuidance,
+    Conditional,
+    Cosine,
+    Interval,
+    Linear,
+    Method,
+    NegativeMinSigma,
+    PerpNeg,
+    PerStep,
+    apg_combine,
+    as_arrays,
+    rescale,
+    sweep_axes,
+    sweep_size,
+)
 
-def interleave(uncond: jax.Array, cond: jax.Array) -> jax.Array:
-    """(B, ...) x2 -> (2B, ...) as [u0, c0, u1, c1, ...].
+__all__ = [
+    "APG", "CFG", "COND", "EMPTY", "PASSES", "TCFG", "UNCOND", "CFGPlusPlus", "CFGZeroStar", "ClampLinear",
+    "ClassifierGuidance", "Conditional", "Cosine", "Guided", "Interval", "Linear", "Method", "NegativeMinSigma",
+    "PerStep", "PerpNeg", "StepContext", "apg_combine", "as_arrays", "guidance_scale_embedding", "rescale",
+    "stack_passes", "sweep_axes", "sweep_size", "unstack_passes",
+]
 
-    Pairs stay next to each other, so a batch sharded over devices stays sharded the same way (no data moves
+
+def stack_passes(parts: list[jax.Array]) -> jax.Array:
+    """P arrays (B, ...) -> (B * P, ...) as [p0_0, p1_0, ..., p0_1, p1_1, ...]: an image's passes side by side.
+
+    Passes stay next to each other, so a batch sharded over devices stays sharded the same way (no data moves
     between devices), unlike diffusers' [all uncond, all cond] concatenation.
     """
-    return jnp.stack([uncond, cond], axis=1).reshape((-1,) + uncond.shape[1:])
+    if len(parts) == 1:
+        return parts[0]
+    return jnp.stack(parts, axis=1).reshape((-1,) + parts[0].shape[1:])
 
 
-def split_pairs(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Inverse of :func:`interleave`."""
-    pairs = x.reshape((-1, 2) + x.shape[1:])
-    return pairs[:, 0], pairs[:, 1]
-
-
-def classifier_free(uncond: jax.Array, cond: jax.Array, scale: jax.Array | float) -> jax.Array:
-    return uncond + scale * (cond - uncond)
-
-
-def rescale(guided: jax.Array, cond: jax.Array, amount: jax.Array | float) -> jax.Array:
-    """Guidance rescale (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed", 3.4).
-
-    Scales the guided prediction to the per-image standard deviation of the conditional one, then mixes by
-    ``amount``. Standard deviations are unbiased, as diffusers' ``rescale_noise_cfg`` computes them.
-    """
-    axes = tuple(range(1, guided.ndim))
-    std_cond = jnp.std(cond, axis=axes, keepdims=True, ddof=1)
-    std_guided = jnp.std(guided, axis=axes, keepdims=True, ddof=1)
-    rescaled = guided * (std_cond / std_guided)
-    return amount * rescaled + (1.0 - amount) * guided
+def unstack_passes(x: jax.Array, count: int) -> list[jax.Array]:
+    """Inverse of :func:`stack_passes`."""
+    if count == 1:
+        return [x]
+    grouped = x.reshape((-1, count) + x.shape[1:])
+    return [grouped[:, k] for k in range(count)]
 
 
 def guidance_scale_embedding(w: jax.Array, dim: int) -> jax.Array:

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from sdjax.models.attention import attention
+from sdjax.models.hypernetwork import HypernetworkSpec, apply_hypernetworks
 from sdjax.models.layers import group_norm
 
 Dtype = jnp.dtype
@@ -45,6 +46,8 @@ class Attention(nn.Module):
     """diffusers' ``Attention`` as used by BasicTransformerBlock: no q/k/v bias, biased output projection.
 
     Self-attention when ``context`` is None, else cross-attention over ``context`` (B, Lk, C_ctx).
+    ``hypernetworks``: A1111 hypernetworks transforming the context before ``to_k`` / ``to_v`` (where they have
+    an entry for its width).
     """
 
     heads: int
@@ -52,6 +55,7 @@ class Attention(nn.Module):
     dtype: Dtype = jnp.float32
     attention_impl: str | None = None
     matmul_dtype: Dtype | None = None
+    hypernetworks: tuple[HypernetworkSpec, ...] = ()
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
@@ -65,7 +69,8 @@ class Attention(nn.Module):
             out = dense(inner, self.dtype, self.matmul_dtype, name, use_bias=False)(y)
             return out.astype(io_dtype).reshape(batch, y.shape[1], self.heads, self.head_dim)
 
-        q, k, v = project("to_q", x), project("to_k", context), project("to_v", context)
+        k_in, v_in = apply_hypernetworks(self.hypernetworks, context) if self.hypernetworks else (context, context)
+        q, k, v = project("to_q", x), project("to_k", k_in), project("to_v", v_in)
         out = attention(q, k, v, implementation=self.attention_impl).reshape(batch, lq, inner)
         return dense(x.shape[-1], self.dtype, self.matmul_dtype, "to_out_0")(out)
 
@@ -106,12 +111,13 @@ class BasicTransformerBlock(nn.Module):
     dtype: Dtype = jnp.float32
     attention_impl: str | None = None
     matmul_dtype: Dtype | None = None
+    hypernetworks: tuple[HypernetworkSpec, ...] = ()
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
         def attn(name: str) -> Attention:
             return Attention(self.heads, self.head_dim, dtype=self.dtype, attention_impl=self.attention_impl,
-                             matmul_dtype=self.matmul_dtype, name=name)
+                             matmul_dtype=self.matmul_dtype, hypernetworks=self.hypernetworks, name=name)
 
         x = attn("attn1")(layer_norm(self.dtype, "norm1")(x)) + x
         x = attn("attn2")(layer_norm(self.dtype, "norm2")(x), context) + x
@@ -129,6 +135,7 @@ class Transformer2DModel(nn.Module):
     dtype: Dtype = jnp.float32
     attention_impl: str | None = None
     matmul_dtype: Dtype | None = None
+    hypernetworks: tuple[HypernetworkSpec, ...] = ()
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
@@ -138,6 +145,7 @@ class Transformer2DModel(nn.Module):
         h = dense(inner, self.dtype, self.matmul_dtype, "proj_in")(h.reshape(batch, height * width, channels))
         for i in range(self.num_layers):
             h = BasicTransformerBlock(self.heads, self.head_dim, dtype=self.dtype, attention_impl=self.attention_impl,
-                                      matmul_dtype=self.matmul_dtype, name=f"transformer_blocks_{i}")(h, context)
+                                      matmul_dtype=self.matmul_dtype, hypernetworks=self.hypernetworks,
+                                      name=f"transformer_blocks_{i}")(h, context)
         h = dense(channels, self.dtype, self.matmul_dtype, "proj_out")(h)
         return h.reshape(batch, height, width, channels) + x

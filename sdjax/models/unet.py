@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from sdjax.models.config import ConfigError, parse_config
+from sdjax.models.hypernetwork import HypernetworkSpec
 from sdjax.models.layers import (
     Downsample2D,
     ResnetBlock2D,
@@ -193,6 +194,7 @@ class _Block(nn.Module):
     dtype: Dtype = jnp.float32
     attention_impl: str | None = None
     matmul_dtype: Dtype | None = None
+    hypernetworks: tuple[HypernetworkSpec, ...] = ()
 
     def resnet(self, name: str, scale: float = 1.0) -> ResnetBlock2D:
         return ResnetBlock2D(self.out_channels, groups=self.groups, eps=self.eps, output_scale_factor=scale,
@@ -202,7 +204,7 @@ class _Block(nn.Module):
         assert self.heads is not None
         return Transformer2DModel(self.heads, self.out_channels // self.heads, num_layers=self.transformer_layers,
                                   groups=self.groups, dtype=self.dtype, attention_impl=self.attention_impl,
-                                  matmul_dtype=self.matmul_dtype, name=name)
+                                  matmul_dtype=self.matmul_dtype, hypernetworks=self.hypernetworks, name=name)
 
 
 class DownBlock(_Block):
@@ -265,12 +267,15 @@ class UNet2DConditionModel(nn.Module):
     :func:`sdjax.models.attention.attention` everywhere (None: chosen per call by sequence length).
     ``matmul_dtype`` (opt-in, e.g. ``jnp.bfloat16``): the transformer blocks' matmuls and attention take inputs in
     that dtype and accumulate in float32 (faster on CPU; bf16-level accuracy, not fp32 parity).
+    ``hypernetworks``: A1111 hypernetworks in every attention layer (``sdjax.convert.hypernetwork``; their
+    params sit under each attention's ``hypernetwork_<i>``).
     """
 
     config: UNetConfig
     dtype: Dtype = jnp.float32
     attention_impl: str | None = None
     matmul_dtype: Dtype | None = None
+    hypernetworks: tuple[HypernetworkSpec, ...] = ()
 
     @nn.compact
     def __call__(
@@ -315,7 +320,8 @@ class UNet2DConditionModel(nn.Module):
         def block_kwargs(i: int, attn: bool, channels: int) -> dict[str, Any]:
             return dict(out_channels=channels, heads=cfg.heads[i] if attn else None,
                         transformer_layers=cfg.transformer_layers[i], groups=groups, eps=eps, dtype=self.dtype,
-                        attention_impl=self.attention_impl, matmul_dtype=self.matmul_dtype)
+                        attention_impl=self.attention_impl, matmul_dtype=self.matmul_dtype,
+                        hypernetworks=self.hypernetworks)
 
         # 3. down
         skips = [x]

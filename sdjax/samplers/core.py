@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from sdjax.samplers.denoiser import Denoiser
+from sdjax.samplers.denoiser import StepDenoiser
 from sdjax.samplers.schedules import Schedule
 
 State = Any  # a sampler's carry besides x: a pytree of fixed-shape arrays (history for multistep samplers)
@@ -29,7 +29,7 @@ class Step(NamedTuple):
     i: jax.Array
     n: jax.Array
     sched: Schedule
-    denoise: Denoiser
+    denoise: StepDenoiser
     eta: jax.Array
     noise: Callable[[int], jax.Array] | None
     post: Callable[[jax.Array], jax.Array] = lambda x: x

@@ -16,11 +16,19 @@ def _sigmas(s: Step) -> tuple[jax.Array, jax.Array]:
     return s.sched.sigmas[s.i], s.sched.sigmas[s.i + 1]
 
 
+def to_d(x: jax.Array, sigma: jax.Array, x0: jax.Array) -> jax.Array:
+    """The probability-flow ODE's derivative dx/dsigma at x (k-diffusion's ``to_d``)."""
+    return (x - x0) / sigma
+
+
 def euler(s: Step, x: jax.Array, state: State) -> tuple[jax.Array, State]:
-    """EulerDiscreteScheduler: one Euler step of the probability-flow ODE."""
+    """EulerDiscreteScheduler: one Euler step of the probability-flow ODE. CFG++: x0 + sigma_next * eps_uncond
+    (ComfyUI's sample_euler_cfg_pp)."""
     sigma, sigma_next = _sigmas(s)
-    d = (x - s.denoise(x, sigma, s.sched.timesteps[s.i])) / sigma
-    return x + d * (sigma_next - sigma), state
+    ev = s.denoise.evaluate_k(x, sigma, s.sched.timesteps[s.i])
+    if ev.renoise is not None:
+        return ev.x0 + sigma_next * ev.renoise, state
+    return x + to_d(x, sigma, ev.x0) * (sigma_next - sigma), state
 
 
 def ancestral_sigmas(sigma: jax.Array, sigma_next: jax.Array, eta: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -32,21 +40,23 @@ def ancestral_sigmas(sigma: jax.Array, sigma_next: jax.Array, eta: jax.Array) ->
 def euler_a(s: Step, x: jax.Array, state: State) -> tuple[jax.Array, State]:
     """EulerAncestralDiscreteScheduler (eta = 1): Euler to sigma_down, then noise of std sigma_up."""
     sigma, sigma_next = _sigmas(s)
-    d = (x - s.denoise(x, sigma, s.sched.timesteps[s.i])) / sigma
+    ev = s.denoise.evaluate_k(x, sigma, s.sched.timesteps[s.i])
     down, up = ancestral_sigmas(sigma, sigma_next, s.eta)
-    return x + d * (down - sigma) + s.draw(0) * up, state
+    if ev.renoise is not None:  # CFG++ (ComfyUI's sample_euler_ancestral_cfg_pp)
+        return ev.x0 + ev.renoise * down + s.draw(0) * up, state
+    return x + to_d(x, sigma, ev.x0) * (down - sigma) + s.draw(0) * up, state
 
 
 def heun(s: Step, x: jax.Array, state: State) -> tuple[jax.Array, State]:
     """HeunDiscreteScheduler: Euler predictor, trapezoidal corrector (skipped on the last step, to sigma 0)."""
     sigma, sigma_next = _sigmas(s)
-    d = (x - s.denoise(x, sigma, s.sched.timesteps[s.i])) / sigma
+    d = to_d(x, sigma, s.denoise(x, sigma, s.sched.timesteps[s.i]))
     dt = sigma_next - sigma
     x_euler = x + d * dt
 
     def correct() -> jax.Array:
         x_pred = s.post(x_euler)
-        d2 = (x_pred - s.denoise(x_pred, sigma_next, s.sched.extra["t_next"][s.i])) / sigma_next
+        d2 = to_d(x_pred, sigma_next, s.denoise(x_pred, sigma_next, s.sched.extra["t_next"][s.i]))
         return x + (d + d2) / 2 * dt
 
     return lax.cond(s.is_last, lambda: x_euler, correct), state
@@ -55,12 +65,12 @@ def heun(s: Step, x: jax.Array, state: State) -> tuple[jax.Array, State]:
 def dpm2(s: Step, x: jax.Array, state: State) -> tuple[jax.Array, State]:
     """KDPM2DiscreteScheduler: midpoint method with the midpoint at the log-mean sigma."""
     sigma, sigma_next = _sigmas(s)
-    d = (x - s.denoise(x, sigma, s.sched.timesteps[s.i])) / sigma
+    d = to_d(x, sigma, s.denoise(x, sigma, s.sched.timesteps[s.i]))
 
     def midpoint() -> jax.Array:
         sigma_mid = s.sched.extra["sigma_mid"][s.i]
         x_mid = s.post(x + d * (sigma_mid - sigma))
-        d_mid = (x_mid - s.denoise(x_mid, sigma_mid, s.sched.extra["t_mid"][s.i])) / sigma_mid
+        d_mid = to_d(x_mid, sigma_mid, s.denoise(x_mid, sigma_mid, s.sched.extra["t_mid"][s.i]))
         return x + d_mid * (sigma_next - sigma)
 
     return lax.cond(s.is_last, lambda: x + d * (sigma_next - sigma), midpoint), state
@@ -77,7 +87,7 @@ def lms(s: Step, x: jax.Array, history: State) -> tuple[jax.Array, State]:
     first step are zeros, which is what diffusers' shorter derivative list amounts to after set_begin_index.
     """
     sigma = s.sched.sigmas[s.i]
-    d = (x - s.denoise(x, sigma, s.sched.timesteps[s.i])) / sigma
+    d = to_d(x, sigma, s.denoise(x, sigma, s.sched.timesteps[s.i]))
     c = s.sched.extra["lms_coeffs"][s.i]
     x = x + c[0] * d + c[1] * history[0] + c[2] * history[1] + c[3] * history[2]
     return x, jnp.concatenate([d[None], history[:2]])
@@ -110,4 +120,4 @@ def dpmpp_sde(s: Step, x: jax.Array, state: State) -> tuple[jax.Array, State]:
         x0_mid = s.denoise(x_mid, sigma_mid, s.sched.extra["t_mid"][s.i])
         return _exp_ancestral(x, x0_mid, sigma, sigma_next, s.eta, n2)
 
-    return lax.cond(s.is_last, lambda: x + (x - x0) / sigma * (sigma_next - sigma), two_stage), state
+    return lax.cond(s.is_last, lambda: x + to_d(x, sigma, x0) * (sigma_next - sigma), two_stage), state

@@ -26,8 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from sdjax.guidance.context import DIAGNOSTICS
+from sdjax.guidance.methods import Conditional, Method
 from sdjax.samplers.core import Step, check_keys, image_normal
-from sdjax.samplers.denoiser import Denoiser, ModelFn
+from sdjax.samplers.denoiser import Denoiser, ModelFn, PassesFn, single_pass
 from sdjax.samplers.registry import get_sampler
 from sdjax.samplers.schedules import Schedule
 
@@ -36,14 +38,18 @@ IntLike = int | jax.Array
 FloatLike = float | jax.Array
 
 
-def sample(model_fn: ModelFn, x: jax.Array, schedule: Schedule, *, keys: jax.Array | None = None,
-           eta: FloatLike | None = None, start_step: IntLike = 0, end_step: IntLike | None = None,
-           post_step: PostStep | None = None) -> jax.Array:
+def sample(model_fn: ModelFn | PassesFn, x: jax.Array, schedule: Schedule, *, guidance: Method | None = None,
+           keys: jax.Array | None = None, eta: FloatLike | None = None, start_step: IntLike = 0,
+           end_step: IntLike | None = None, post_step: PostStep | None = None, diagnostics: bool = False,
+           decode: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array | tuple[jax.Array, dict]:
     """Run ``schedule.sampler`` from step ``start_step`` up to (not including) ``end_step`` (default: all).
 
     ``x``: the latents at ``start_step`` (batch first, any layout), e.g. ``noise * schedule.init_noise_sigma``
     or ``add_noise(...)``; returned after the last step, in the same space (diffusers' ``latents``).
-    ``model_fn(x_in, t)``: see :mod:`sdjax.samplers.denoiser`.
+    ``model_fn``: without ``guidance``, ``model_fn(x_in, t) -> output`` (one pass); with it,
+    ``model_fn(x_in, t, passes) -> {pass: output}`` (see :mod:`sdjax.samplers.denoiser`).
+    ``guidance``: a method from :mod:`sdjax.guidance`, called at every model evaluation with the passes'
+    outputs and the step context; its state rides in the loop carry.
     ``keys``: one PRNG key per image, shape (B,) typed or (B, 2) uint32; needed by stochastic samplers (and
     DDIM with eta). Draw j of step i for image b is ``normal(fold_in(fold_in(key_b, i), j))``: an image's
     noise depends on its own key and the step index only, never on batch size or device count.
@@ -52,10 +58,14 @@ def sample(model_fn: ModelFn, x: jax.Array, schedule: Schedule, *, keys: jax.Arr
     ``post_step(i, x) -> x``: called after each step i (e.g. :func:`inpaint_post_step`), and by the
     second-order samplers (Heun, DPM2, DPM++ SDE) on their intermediate latents before the second evaluation,
     as diffusers' pipelines apply their per-step blend after every scheduler call.
+    ``diagnostics``: also return ``{name: (num_steps, B)}`` per-step numbers of each step's first evaluation
+    (``guidance_norm``, ``cond_uncond_cosine``, ``latent_std``; NaN where a step did not run).
+    ``decode``: scaled latents -> pixels, for guidance that reads pixels (universal classifier guidance).
 
-    One ``lax.fori_loop`` whose carry is ``(x, sampler_state)``; the keys are not carried since the noise
-    is a function of (key, step). Jittable: the schedule's sampler, prediction type and step count are
-    static (pytree metadata and shapes); its arrays, x, keys, eta, start_step and end_step are traced.
+    One ``lax.fori_loop`` whose carry is ``(x, sampler_state, guidance_state)``; the keys are not carried since
+    the noise is a function of (key, step). Jittable: the schedule's sampler, prediction type and step count
+    and the guidance method's kind are static; arrays, x, keys, eta, guidance numbers, start_step and
+    end_step are traced.
     """
     spec = get_sampler(schedule.sampler)
     x = jnp.asarray(x, jnp.float32)
@@ -63,22 +73,33 @@ def sample(model_fn: ModelFn, x: jax.Array, schedule: Schedule, *, keys: jax.Arr
     if needs_keys and keys is None:
         raise ValueError(f"sampler {spec.name!r} needs keys= (one PRNG key per image) for its noise")
     keys = check_keys(keys, x.shape[0]) if keys is not None and needs_keys else None
+    if guidance is None:
+        passes_fn, method = single_pass(model_fn), Conditional()
+    else:
+        passes_fn, method = model_fn, guidance.check(spec)
     sched = jax.tree.map(jnp.asarray, schedule)
-    denoiser = Denoiser(model_fn, schedule.prediction_type)
-    eta = jnp.asarray(spec.default_eta if eta is None else eta, jnp.float32)
     n_steps = schedule.num_steps
+    denoiser = Denoiser(passes_fn, schedule.prediction_type, method, n_steps, schedule.num_train_timesteps, decode)
+    eta = jnp.asarray(spec.default_eta if eta is None else eta, jnp.float32)
     start = jnp.clip(jnp.asarray(start_step, jnp.int32), 0, n_steps)
     end = jnp.clip(jnp.asarray(n_steps if end_step is None else end_step, jnp.int32), start, n_steps)
 
     def body(i: jax.Array, carry: tuple) -> tuple:
-        x, state = carry
+        x, state, gstate, diag = carry
         noise = None if keys is None else (lambda j: image_normal(keys, x.shape[1:], i, j))
         post = (lambda y: jnp.asarray(post_step(i, y), jnp.float32)) if post_step is not None else (lambda y: y)
-        x, state = spec.step(Step(i, i - start, sched, denoiser, eta, noise, post), x, state)
-        return post(x), state
+        den = denoiser.at_step(i, gstate)
+        x, state = spec.step(Step(i, i - start, sched, den, eta, noise, post), x, state)
+        if den.new_state is None:
+            raise RuntimeError(f"sampler {spec.name!r} made no model evaluation at a step")
+        if diagnostics:
+            diag = {k: v.at[i].set(den.diagnostics[k]) for k, v in diag.items()}
+        return post(x), state, den.new_state, diag
 
-    x, _ = lax.fori_loop(start, end, body, (x, spec.init_state(x)))
-    return x
+    diag0 = {k: jnp.full((n_steps, x.shape[0]), jnp.nan, jnp.float32) for k in DIAGNOSTICS} if diagnostics else {}
+    carry = (x, spec.init_state(x), method.init_state(x), diag0)
+    x, _, _, diag = lax.fori_loop(start, end, body, carry)
+    return (x, diag) if diagnostics else x
 
 
 def add_noise(schedule: Schedule, x0: jax.Array, noise: jax.Array, step: IntLike) -> jax.Array:

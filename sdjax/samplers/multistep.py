@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from sdjax.samplers.core import State, Step
+from sdjax.samplers.denoiser import Evaluation
 
 
 def _alpha_sigma_lambda(sigma: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -20,11 +21,17 @@ def _alpha_sigma_lambda(sigma: jax.Array) -> tuple[jax.Array, jax.Array, jax.Arr
     return alpha_t, sigma_t, jnp.log(alpha_t) - jnp.log(sigma_t)
 
 
+def _evaluate(s: Step, x: jax.Array) -> tuple[Evaluation, jax.Array, jax.Array, jax.Array]:
+    """(the model's evaluation, alpha_s, sigma_s, lambda_s) at the current step."""
+    sigma = s.sched.sigmas[s.i]
+    alpha_s, sigma_s, lambda_s = _alpha_sigma_lambda(sigma)
+    return s.denoise.evaluate_vp(x, alpha_s, sigma_s, s.sched.timesteps[s.i], sigma), alpha_s, sigma_s, lambda_s
+
+
 def _x0(s: Step, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """(x0, alpha_s, sigma_s, lambda_s) at the current step."""
-    alpha_s, sigma_s, lambda_s = _alpha_sigma_lambda(s.sched.sigmas[s.i])
-    x0, _ = s.denoise.vp(x, alpha_s, sigma_s, s.sched.timesteps[s.i])
-    return x0, alpha_s, sigma_s, lambda_s
+    ev, alpha_s, sigma_s, lambda_s = _evaluate(s, x)
+    return ev.x0, alpha_s, sigma_s, lambda_s
 
 
 def _second_order_scale(s: Step, h: jax.Array, lambda_s: jax.Array) -> jax.Array:
@@ -35,13 +42,30 @@ def _second_order_scale(s: Step, h: jax.Array, lambda_s: jax.Array) -> jax.Array
 
 
 def dpmpp_2m(s: Step, x: jax.Array, m_prev: State) -> tuple[jax.Array, State]:
-    """DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint")."""
-    m0, _, sigma_s, lambda_s = _x0(s, x)
+    """DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint").
+    With CFG++ (the guidance re-noises with the unconditional eps): ComfyUI's sample_dpmpp_2m_cfg_pp."""
+    ev, alpha_s, sigma_s, lambda_s = _evaluate(s, x)
+    m0 = ev.x0
     alpha_t, sigma_t, lambda_t = _alpha_sigma_lambda(s.sched.sigmas[s.i + 1])
     h = lambda_t - lambda_s
+    if ev.renoise is not None:
+        return _dpmpp_2m_cfg_pp(s, x, ev, alpha_s, sigma_s, lambda_s, m_prev)
     d1 = _second_order_scale(s, h, lambda_s) * (m0 - m_prev)
     x = sigma_t / sigma_s * x - alpha_t * (jnp.exp(-h) - 1.0) * m0 - 0.5 * (alpha_t * (jnp.exp(-h) - 1.0)) * d1
     return x, m0
+
+
+def _dpmpp_2m_cfg_pp(s: Step, x: jax.Array, ev: Evaluation, alpha_s: jax.Array, sigma_s: jax.Array,
+                     lambda_s: jax.Array, u_prev: State) -> tuple[jax.Array, State]:
+    """DPM++ 2M with CFG++ in k-diffusion form (x_k = x / alpha): ``x_k' = D + mix + exp(-h) x_k`` where
+    ``mix = -exp(-h) U - expm1(-h) / (2 r) (D - U_prev)`` (first order: ``-exp(-h) U``); D is the guided x0,
+    U the unconditional one, and the history holds U."""
+    u0 = (x - sigma_s * ev.renoise) / alpha_s
+    alpha_t, _, lambda_t = _alpha_sigma_lambda(s.sched.sigmas[s.i + 1])
+    h = lambda_t - lambda_s
+    inv_r = _second_order_scale(s, h, lambda_s)  # h / h_last, or 0 on a first-order step
+    mix = -jnp.exp(-h) * u0 - jnp.expm1(-h) * 0.5 * inv_r * (ev.x0 - u_prev)
+    return alpha_t * (ev.x0 + mix + jnp.exp(-h) * (x / alpha_s)), u0
 
 
 def dpmpp_2m_sde(s: Step, x: jax.Array, m_prev: State) -> tuple[jax.Array, State]:

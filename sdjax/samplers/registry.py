@@ -37,6 +37,8 @@ class Sampler:
     sigma_schedules: tuple[str, ...] = ("default",)  # "karras" / "exponential" where diffusers offers them
     # the diffusers class's defaults for config keys a file may leave out (see schedules.BASE_DEFAULTS)
     config_defaults: tuple[tuple[str, Any], ...] = ()
+    renoise: bool = False  # re-noises with a guidance-supplied eps (CFG++)
+    mean_shift: bool = False  # has an ancestral mean a classifier gradient can move (guidance algorithm 1)
 
 
 _ANY_SIGMAS = schedules.SIGMA_SCHEDULES
@@ -45,9 +47,9 @@ _LDM_BETAS = (("beta_start", 0.00085), ("beta_end", 0.012))
 
 SAMPLERS: dict[str, Sampler] = {s.name: s for s in [
     Sampler("euler", k_diffusion.euler, schedules.euler_schedule, "EulerDiscreteScheduler", "Euler",
-            sigma_schedules=_ANY_SIGMAS),
+            sigma_schedules=_ANY_SIGMAS, renoise=True),
     Sampler("euler_a", k_diffusion.euler_a, schedules.euler_schedule, "EulerAncestralDiscreteScheduler",
-            "Euler a", stochastic=True, default_eta=1.0, uses_eta=True, sigma_schedules=_ANY_SIGMAS),
+            "Euler a", stochastic=True, default_eta=1.0, uses_eta=True, sigma_schedules=_ANY_SIGMAS, renoise=True),
     Sampler("heun", k_diffusion.heun, schedules.heun_schedule, "HeunDiscreteScheduler", "Heun",
             sigma_schedules=_ANY_SIGMAS, config_defaults=_LDM_BETAS),
     Sampler("dpm2", k_diffusion.dpm2, schedules.dpm2_schedule, "KDPM2DiscreteScheduler", "DPM2",
@@ -55,14 +57,15 @@ SAMPLERS: dict[str, Sampler] = {s.name: s for s in [
     Sampler("lms", k_diffusion.lms, schedules.lms_schedule, "LMSDiscreteScheduler", "LMS",
             init_state=k_diffusion.lms_init, sigma_schedules=_ANY_SIGMAS),
     Sampler("ddim", timestep.ddim, schedules.ddim_schedule, "DDIMScheduler (eta as its step argument)", "DDIM",
-            uses_eta=True, config_defaults=(*_LEADING, ("clip_sample", True))),
+            uses_eta=True, config_defaults=(*_LEADING, ("clip_sample", True)), renoise=True),
     Sampler("ddpm", timestep.ddpm, schedules.ddpm_schedule, 'DDPMScheduler(variance_type="fixed_small")', None,
-            stochastic=True, config_defaults=(*_LEADING, ("clip_sample", True))),
+            stochastic=True, config_defaults=(*_LEADING, ("clip_sample", True)), mean_shift=True),
     Sampler("pndm", timestep.pndm, schedules.pndm_schedule, "PNDMScheduler(skip_prk_steps=True)", "PLMS",
             init_state=timestep.pndm_init, config_defaults=(*_LEADING, ("set_alpha_to_one", False))),
     Sampler("dpmpp_2m", multistep.dpmpp_2m, schedules.multistep_schedule,
             'DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2)', "DPM++ 2M",
-            init_state=lambda x: jax.numpy.zeros_like(x, jax.numpy.float32), sigma_schedules=_ANY_SIGMAS),
+            init_state=lambda x: jax.numpy.zeros_like(x, jax.numpy.float32), sigma_schedules=_ANY_SIGMAS,
+            renoise=True),
     Sampler("dpmpp_2m_sde", multistep.dpmpp_2m_sde, schedules.multistep_schedule,
             'DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", solver_order=2)', "DPM++ 2M SDE",
             init_state=lambda x: jax.numpy.zeros_like(x, jax.numpy.float32), stochastic=True, default_eta=1.0,

@@ -37,7 +37,6 @@ ZERO_SNR_ALPHA = 2.0**-24
 # Keys of diffusers scheduler configs that must hold these values: anything else changes the math in a
 # way sdjax does not implement (dynamic thresholding, flow matching, learned variance, ...).
 _REQUIRED = {
-    "thresholding": (False,),
     "use_beta_sigmas": (False,),
     "use_lu_lambdas": (False,),
     "use_flow_sigmas": (False,),
@@ -58,8 +57,8 @@ _REQUIRED = {
 # Keys with no effect here: the sampler name fixes the algorithm (solver order and type, PRK warm-up),
 # and the others only matter together with a value that _REQUIRED or clip_sample=False rules out.
 _IGNORED = frozenset({
-    "solver_order", "algorithm_type", "solver_type", "skip_prk_steps", "clip_sample_range",
-    "dynamic_thresholding_ratio", "sample_max_value", "noise_sampler_seed", "flow_shift", "time_shift_type",
+    "solver_order", "algorithm_type", "solver_type", "skip_prk_steps", "noise_sampler_seed", "flow_shift",
+    "time_shift_type",
 })
 
 # Values for keys a config file leaves out. diffusers fills those with the defaults of the scheduler class
@@ -89,7 +88,12 @@ class SchedulerConfig:
     steps_offset: int = 0
     rescale_betas_zero_snr: bool = False
     set_alpha_to_one: bool | None = None
+    # x0 clipping / Imagen's dynamic thresholding: DDIM and DDPM apply them (as diffusers' DDIM/DDPM do)
     clip_sample: bool | None = None
+    clip_sample_range: float = 1.0
+    thresholding: bool = False
+    dynamic_thresholding_ratio: float = 0.995
+    sample_max_value: float = 1.0
     use_karras_sigmas: bool = False
     use_exponential_sigmas: bool = False
     final_sigmas_type: str = "zero"
@@ -102,9 +106,8 @@ class SchedulerConfig:
         _check_choice("timestep_spacing", self.timestep_spacing, TIMESTEP_SPACINGS)
         _check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
         _check_choice("final_sigmas_type", self.final_sigmas_type, FINAL_SIGMAS_TYPES)
-        if self.clip_sample:
-            raise ConfigError("unsupported scheduler config: clip_sample=True (sdjax does not clip x0; "
-                              "diffusers' DDIM/DDPM default to True when the config omits clip_sample)")
+        if not 0.0 < self.dynamic_thresholding_ratio <= 1.0:
+            raise ConfigError(f"dynamic_thresholding_ratio={self.dynamic_thresholding_ratio} must be in (0, 1]")
         if self.use_karras_sigmas and self.use_exponential_sigmas:
             raise ConfigError("scheduler config sets both use_karras_sigmas and use_exponential_sigmas")
         if self.trained_betas is not None and len(self.trained_betas) != self.num_train_timesteps:
@@ -318,6 +321,8 @@ class Schedule:
     num_train_timesteps: int
     order: int
     final_first_order: bool  # DPM-Solver's lower_order_final: the last step is first order
+    # DDIM / DDPM's processing of the x0 estimate: None, ("clip", range) or ("threshold", ratio, max value)
+    x0_processing: tuple | None = None
 
     @property
     def num_steps(self) -> int:
@@ -328,7 +333,8 @@ jax.tree_util.register_dataclass(
     Schedule,
     data_fields=["timesteps", "sigmas", "signal_scale", "noise_scale", "init_noise_sigma", "loop_timesteps",
                  "extra"],
-    meta_fields=["sampler", "prediction_type", "num_train_timesteps", "order", "final_first_order"],
+    meta_fields=["sampler", "prediction_type", "num_train_timesteps", "order", "final_first_order",
+                 "x0_processing"],
 )
 
 
@@ -348,7 +354,17 @@ def _schedule(sampler: str, config: SchedulerConfig, *, timesteps: Any, sigmas: 
         num_train_timesteps=config.num_train_timesteps, order=order,
         # with lower_order_final=True and euler_at_final=False, which the config enforces
         final_first_order=config.final_sigmas_type == "zero" or num_steps < 15,
+        x0_processing=_x0_processing(config) if sampler in ("ddim", "ddpm") else None,
     )
+
+
+def _x0_processing(config: SchedulerConfig) -> tuple | None:
+    # diffusers: thresholding wins over clip_sample
+    if config.thresholding:
+        return ("threshold", float(config.dynamic_thresholding_ratio), float(config.sample_max_value))
+    if config.clip_sample:
+        return ("clip", float(config.clip_sample_range))
+    return None
 
 
 # Sigma-space schedules (Euler, Euler a, Heun, DPM2, LMS, DPM++ SDE): the latent is x0 + sigma * noise.

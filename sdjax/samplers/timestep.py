@@ -14,30 +14,49 @@ from sdjax.samplers.core import State, Step
 from sdjax.samplers.denoiser import output_to_x0_eps
 
 
+def process_x0(s: Step, x0: jax.Array) -> jax.Array:
+    """diffusers' DDIM/DDPM clipping (``clip_sample``) or Imagen's dynamic thresholding (``thresholding``) of
+    the x0 estimate; epsilon is not recomputed from it (as diffusers' pipelines call the step)."""
+    kind = s.sched.x0_processing
+    if kind is None:
+        return x0
+    if kind[0] == "clip":
+        return jnp.clip(x0, -kind[1], kind[1])
+    _, ratio, max_value = kind
+    flat = x0.reshape(x0.shape[0], -1)
+    q = jnp.clip(jnp.quantile(jnp.abs(flat), ratio, axis=1), 1.0, max_value)[:, None]
+    return (jnp.clip(flat, -q, q) / q).reshape(x0.shape)
+
+
 def _x0_eps(s: Step, x: jax.Array, a: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
     return s.denoise.vp(x, a**0.5, (1 - a) ** 0.5, t)
 
 
 def ddim(s: Step, x: jax.Array, state: State) -> tuple[jax.Array, State]:
-    """DDIMScheduler: deterministic for eta = 0, DDPM-like noise for eta = 1."""
+    """DDIMScheduler: deterministic for eta = 0, DDPM-like noise for eta = 1. With CFG++ the direction to x_t
+    uses the unconditional eps."""
     a, a_prev = s.sched.extra["alphas"][s.i], s.sched.extra["alphas_prev"][s.i]
-    x0, eps = _x0_eps(s, x, a, s.sched.timesteps[s.i])
+    ev = s.denoise.evaluate_vp(x, a**0.5, (1 - a) ** 0.5, s.sched.timesteps[s.i], s.sched.sigmas[s.i])
+    eps = ev.eps if ev.renoise is None else ev.renoise
     variance = (1 - a_prev) / (1 - a) * (1 - a / a_prev)
     std = s.eta * variance**0.5
-    x = a_prev**0.5 * x0 + (1 - a_prev - std**2) ** 0.5 * eps
+    x = a_prev**0.5 * process_x0(s, ev.x0) + (1 - a_prev - std**2) ** 0.5 * eps
     if s.noise is not None:
         x = x + std * s.noise(0)
     return x, state
 
 
 def ddpm(s: Step, x: jax.Array, state: State) -> tuple[jax.Array, State]:
-    """DDPMScheduler, "fixed_small" variance: sample the posterior q(x_prev | x, x0)."""
+    """DDPMScheduler, "fixed_small" variance: sample the posterior q(x_prev | x, x0). Classifier guidance
+    (algorithm 1 of Dhariwal & Nichol) moves the mean by variance * s * grad log p(y | x_t)."""
     a, a_prev = s.sched.extra["alphas"][s.i], s.sched.extra["alphas_prev"][s.i]
     t = s.sched.timesteps[s.i]
-    x0, _ = _x0_eps(s, x, a, t)
+    ev = s.denoise.evaluate_vp(x, a**0.5, (1 - a) ** 0.5, t, s.sched.sigmas[s.i])
     beta = 1 - a / a_prev
-    mean = a_prev**0.5 * beta / (1 - a) * x0 + (a / a_prev) ** 0.5 * (1 - a_prev) / (1 - a) * x
+    mean = a_prev**0.5 * beta / (1 - a) * process_x0(s, ev.x0) + (a / a_prev) ** 0.5 * (1 - a_prev) / (1 - a) * x
     variance = jnp.maximum((1 - a_prev) / (1 - a) * beta, 1e-20)
+    if ev.mean_shift is not None:
+        mean = mean + variance * ev.mean_shift
     return mean + jnp.where(t > 0, variance**0.5, 0.0) * s.draw(0), state
 
 
@@ -66,11 +85,11 @@ def pndm(s: Step, x: jax.Array, history: State) -> tuple[jax.Array, State]:
     """
     ex, pred = s.sched.extra, s.denoise.prediction_type
     a, a_prev = ex["alphas"][s.i], ex["alphas_prev"][s.i]
-    out = s.denoise.model(x, s.sched.timesteps[s.i])
+    out = s.denoise.output(x, a**0.5, (1 - a) ** 0.5, s.sched.timesteps[s.i])
 
     def warm_up() -> jax.Array:
         x_pred = _pndm_update(x, a, a_prev, out, pred)
-        out_next = s.denoise.model(x_pred, ex["t_next"][s.i])
+        out_next = s.denoise.output(x_pred, a_prev**0.5, (1 - a_prev) ** 0.5, ex["t_next"][s.i])
         return _pndm_update(x, ex["alphas_2"][s.i], ex["alphas_2_prev"][s.i], (out + out_next) / 2, pred)
 
     def multistep() -> jax.Array:

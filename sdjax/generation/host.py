@@ -1,0 +1,240 @@
+"""The host side of generation: a :class:`Request` checked against the model, tokenized and placed on devices.
+
+``prepare(pipe, request)`` gives the static :class:`Plan`, the traced :class:`Inputs` and the guidance method
+(checked against the sampler); ``execute`` runs the jitted core over a ``"data"`` mesh; ``run`` does both
+and decodes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from sdjax import images, parallel, text
+from sdjax.generation import core
+from sdjax.generation.core import COND, EMPTY, INPAINT, LATENT_IMAGE, TEXT, UNCOND, Inputs, Model, Plan
+from sdjax.generation.request import Request
+from sdjax.guidance import Conditional, Method, as_arrays
+from sdjax.samplers import get_sampler
+
+TASK_OF_REQUEST = {"text": TEXT, "image": core.IMAGE, "inpaint": INPAINT}
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    plan: Plan
+    inputs: Inputs
+    method: Method
+    batch: int
+
+
+def check_size(pipe: Any, height: int, width: int) -> None:
+    f = pipe.vae_scale_factor
+    for name, value in (("height", height), ("width", width)):
+        if not isinstance(value, int) or value <= 0 or value % f:
+            raise ValueError(f"{name}={value!r}: image sizes must be positive multiples of {f} for this model")
+
+
+def check_clip_skip(pipe: Any, clip_skip: int | None) -> None:
+    """diffusers takes any clip_skip that leaves at least the embeddings' output: hidden_states[-(k + 1)]."""
+    if clip_skip is None:
+        return
+    layers = min(enc.config.num_hidden_layers for enc in pipe.text_encoders.values())
+    # SDXL counts from the penultimate layer (hidden_states[-(k + 2)]); SD1/SD2 from the last.
+    most = layers - 1 if pipe.is_sdxl else layers
+    if not 0 <= clip_skip <= most:
+        raise ValueError(f"clip_skip={clip_skip!r}: must be an integer from 0 to {most} for this model")
+
+
+def _as_list(value: str | Sequence[str] | None, n: int, name: str) -> list[str] | None:
+    if value is None:
+        return None
+    values = [value] * n if isinstance(value, str) else list(value)
+    if len(values) != n:
+        raise ValueError(f"{name} has {len(values)} entries but the batch has {n} prompts")
+    return values
+
+
+def _is_pil(x: Any) -> bool:
+    from PIL import Image
+
+    return isinstance(x, Image.Image) or (isinstance(x, Sequence) and bool(x) and isinstance(x[0], Image.Image))
+
+
+def prepare(pipe: Any, request: Request, *, image_index_offset: int = 0) -> Prepared:
+    """Check ``request`` against ``pipe`` and build the plan, the inputs (numpy, unplaced) and the method."""
+    r = request
+    batch = r.batch
+    f = pipe.vae_scale_factor
+    spec = get_sampler(r.sampler)
+    check_clip_skip(pipe, r.clip_skip)
+    if r.sdxl != type(r.sdxl)() and not pipe.is_sdxl:
+        changed = [k.name for k in dataclasses.fields(r.sdxl) if getattr(r.sdxl, k.name) != k.default]
+        raise TypeError(f"{', '.join(changed)}: SDXL-only options, but this is not an SDXL model")
+    task = TASK_OF_REQUEST[r.task]
+    height, width = r.height, r.width
+    image = mask = None
+    if r.task in ("image", "inpaint"):
+        arr = None if _is_pil(r.image) else np.asarray(r.image)
+        if arr is not None and arr.ndim == 4 and arr.shape[1] == pipe.vae.config.latent_channels:
+            task = LATENT_IMAGE  # latents in diffusers' layout, e.g. from an SDXL base with output="latent"
+            image = np.ascontiguousarray(arr.transpose(0, 2, 3, 1), dtype=np.float32)
+        else:
+            image = images.to_array(images.resize_to_multiple(r.image, f))
+        if image.shape[0] not in (1, batch):
+            raise ValueError(f"{image.shape[0]} images for {batch} prompts")
+        image = np.broadcast_to(image, (batch,) + image.shape[1:])
+        scale = f if task == LATENT_IMAGE else 1  # latents are 1/f of the pixel size
+        height, width = image.shape[1] * scale, image.shape[2] * scale
+    if r.task == "inpaint":
+        m = images.to_array(images.resize_to_multiple(r.mask, f), grayscale=True)
+        if m.shape[1:3] != (height, width):
+            raise ValueError(f"the mask is {m.shape[2]}x{m.shape[1]} but the image is {width}x{height}; "
+                             "they must have the same size")
+        if m.shape[0] not in (1, batch):
+            raise ValueError(f"{m.shape[0]} masks for {batch} prompts")
+        mask = np.broadcast_to((m >= 0.5).astype(np.float32), (batch,) + m.shape[1:])
+    elif pipe.unet.config.in_channels == 2 * pipe.vae.config.latent_channels + 1:
+        raise ValueError("this is an inpainting model (9-channel UNet): use inpaint() with a mask")
+    noise = None
+    if r.latents is not None:
+        noise = r.latents
+        channels = pipe.vae.config.latent_channels
+        if noise.ndim != 4 or noise.shape[0] != batch or noise.shape[1] != channels:
+            raise ValueError(f"latents has shape {noise.shape}; expected ({batch}, {channels}, h/{f}, w/{f})")
+        implied = (noise.shape[2] * f, noise.shape[3] * f)
+        given = (height or implied[0], width or implied[1])
+        if given != implied:
+            expected = (batch, channels, given[0] // f, given[1] // f)
+            raise ValueError(f"latents has shape {noise.shape}; expected {expected} (batch, channels, h/{f}, w/{f})")
+        height, width = implied  # as diffusers: the latents' size decides when no size is given
+        noise = noise.transpose(0, 2, 3, 1)
+    height = height or pipe.default_size
+    width = width or pipe.default_size
+    check_size(pipe, height, width)
+    latent_size = (height // f, width // f)
+
+    method = r.guidance
+    lcm_scale = None
+    if pipe.unet.config.time_cond_proj_dim is not None:
+        # LCM embeds the guidance scale in its UNet and runs one pass (diffusers' LCM pipelines).
+        if r.guidance_scale is None:
+            raise ValueError("an LCM UNet embeds one guidance scale: give a number as guidance_scale, "
+                             "not a guidance method")
+        lcm_scale = np.float32(r.guidance_scale)
+        method = Conditional()
+    method = method.check(spec)
+    passes = method.passes()
+    negatives = None if r.negative_prompts is None else list(r.negative_prompts)
+    zero_passes: tuple[str, ...] = ()
+    if pipe.is_sdxl and pipe.force_zeros_for_empty_prompt:
+        if UNCOND in passes and negatives is None:
+            zero_passes += (UNCOND,)
+        if EMPTY in passes:
+            zero_passes += (EMPTY,)
+    prompts = list(r.prompts)
+    tokens = lambda texts, texts_2=None: text.prompt_tokens(pipe, texts, texts_2, emphasis=r.emphasis)  # noqa: E731
+    ids = {COND: tokens(prompts, _as_list(r.sdxl.prompt_2, batch, "prompt_2"))}
+    if UNCOND in passes and UNCOND not in zero_passes:
+        ids[UNCOND] = tokens(negatives or [""] * batch, _as_list(r.sdxl.negative_prompt_2, batch, "negative_prompt_2"))
+    if EMPTY in passes and EMPTY not in zero_passes:
+        ids[EMPTY] = tokens([""] * batch)
+    # every pass gets one chunk count (the longest prompt's): the UNet's context has one sequence length
+    ids = dict(zip(ids, text.equal_chunks(pipe, *ids.values()), strict=True))
+    time_ids = None
+    if pipe.is_sdxl:
+        time_ids = _time_ids(pipe, r, height, width, batch)
+    sweep = r.sweep
+    eta = spec.default_eta if r.eta is None else r.eta
+    strength = None
+    if r.task in ("image", "inpaint") and (task != LATENT_IMAGE or r.denoising_start is None):
+        strength = np.float32(r.strength)
+    inputs = Inputs(
+        keys=np.asarray(parallel.image_keys(r.seed, image_index_offset + np.arange(batch))),
+        ids=ids, eta=np.float32(eta), time_ids=time_ids, noise=noise, image=image, mask=mask, strength=strength,
+        lcm_scale=lcm_scale,
+    )
+    plan = Plan(sampler=r.sampler, sigma_schedule=r.schedule, num_steps=r.num_steps, latent_size=latent_size,
+                clip_skip=r.clip_skip, emphasis=r.emphasis, passes=passes, zero_passes=zero_passes, task=task,
+                start_from_noise=r.task == "inpaint" and r.strength == 1.0, denoising_start=r.denoising_start,
+                denoising_end=r.denoising_end, sweep=sweep)
+    return Prepared(plan, inputs, as_arrays(method), batch)
+
+
+def _time_ids(pipe: Any, r: Request, height: int, width: int, batch: int) -> dict[str, np.ndarray]:
+    o = r.sdxl
+    size = (height, width)
+    original, target = o.original_size or size, o.target_size or size
+    neg_original = o.negative_original_size or original
+    neg_crops = o.negative_crops_coords_top_left or o.crops_coords_top_left
+    neg_target = o.negative_target_size or target
+    if pipe.requires_aesthetics_score:
+        ids = (*original, *o.crops_coords_top_left, o.aesthetic_score)
+        uncond = (*neg_original, *neg_crops, o.negative_aesthetic_score)
+    else:
+        ids, uncond = (*original, *o.crops_coords_top_left, *target), (*neg_original, *neg_crops, *neg_target)
+    return {COND: np.tile(np.asarray(ids, np.float32), (batch, 1)),
+            UNCOND: np.tile(np.asarray(uncond, np.float32), (batch, 1))}
+
+
+def place(pipe: Any, prepared: Prepared, mesh: Any) -> tuple[Any, Inputs, Method]:
+    """(params, inputs, method) on the mesh: batched inputs padded and sharded, the rest replicated."""
+    size = parallel.padded_size(prepared.batch, mesh)
+    placed = {}
+    for field in dataclasses.fields(Inputs):
+        value = getattr(prepared.inputs, field.name)
+        if value is None:
+            placed[field.name] = None
+        elif Inputs.is_batched(field.name):
+            placed[field.name] = jax.device_put(parallel.pad_batch(value, size), parallel.batch_sharded(mesh))
+        else:
+            placed[field.name] = jax.device_put(value, parallel.replicated(mesh))
+    method = jax.device_put(prepared.method, parallel.replicated(mesh))
+    if mesh not in pipe.device_params:
+        pipe.device_params.clear()  # one placement at a time: params can be gigabytes
+        pipe.device_params[mesh] = jax.device_put(pipe.params, parallel.replicated(mesh))
+    return pipe.device_params[mesh], Inputs(**placed), method
+
+
+def execute(pipe: Any, prepared: Prepared, *, mesh: Any = None, progress: Callable[[int, int], None] | None = None
+            ) -> jax.Array:
+    """Run the jitted core over the ``data`` mesh; returns the latents without the padding."""
+    mesh = mesh or parallel.data_mesh()
+    params, inputs, method = place(pipe, prepared, mesh)
+    core._progress.update(report=progress, last=-1, total=prepared.plan.num_steps)
+    try:
+        out = core._compiled(Model.of(pipe), prepared.plan)(params, inputs, method)
+        out.block_until_ready()
+    finally:
+        core._progress.update(report=None)
+    if not out.is_fully_addressable:
+        # Several hosts (jax.distributed): every process passed the whole request; gather the images to each.
+        from jax.experimental import multihost_utils
+
+        out = multihost_utils.process_allgather(out, tiled=prepared.plan.sweep is None)
+    return out[..., :prepared.batch, :, :, :]
+
+
+def decode(pipe: Any, latents: jax.Array, output: str) -> Any:
+    """Final latents -> the requested output: (B, H, W, 3) float32, PIL images, or diffusers-layout latents.
+    A sweep's leading axis K stays in front (PIL: a list of K lists)."""
+    lead = latents.shape[:-3]
+    if output == "latent":
+        return np.moveaxis(np.asarray(latents), -1, -3)
+    flat = latents.reshape((-1,) + latents.shape[-3:])
+    pixels = np.asarray(core._decoder(pipe.vae)(pipe.params["vae"], flat))
+    pixels = pixels.reshape(lead + pixels.shape[1:])
+    if output == "pil":
+        return images.to_pil(pixels) if len(lead) == 1 else [images.to_pil(p) for p in pixels]
+    return pixels
+
+
+def run(pipe: Any, request: Request, *, mesh: Any = None, progress: Callable[[int, int], None] | None = None,
+        image_index_offset: int = 0) -> Any:
+    """Prepare, execute and decode one request."""
+    prepared = prepare(pipe, request, image_index_offset=image_index_offset)
+    return decode(pipe, execute(pipe, prepared, mesh=mesh, progress=progress), request.output)
