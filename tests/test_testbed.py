@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sdjax import guidance
 from sdjax.guidance import testbed as tb
 from sdjax.samplers import SAMPLERS, make_schedule, sample
 from sdjax.samplers.denoiser import output_to_x0_eps
@@ -109,14 +110,15 @@ def test_noise_level_is_the_latents_noise_level(sampler, sigmas):
 
 
 def _distance_to_truth(sampler: str, steps: int, n: int = 4096, **kwargs) -> tuple[float, float]:
-    """(sliced W2 of scale-1 samples to the true conditional, that of two true sets): 8-D mixture, 4 classes."""
+    """(sliced W2 of CFG-scale-1 samples to the true conditional, that of two true sets): 8-D, 4 classes."""
     gm = tb.random_mixture(3, 8)
     labels = jnp.arange(n) % gm.num_classes
     real = tb.sample_true(gm, jax.random.key(7), labels)
     floor = float(tb.sliced_wasserstein(real, tb.sample_true(gm, jax.random.key(8), labels), jax.random.key(9)))
     sched = make_schedule(tb.CONFIG, sampler, steps)
     x = jax.random.normal(jax.random.key(0), (n, gm.dim)) * sched.init_noise_sigma
-    out = jax.jit(lambda x: sample(tb.cfg_model_fn(gm, labels, tb.CONFIG, 1.0), x, sched, **kwargs))(x)
+    fn = tb.model_fn(gm, labels, tb.CONFIG)
+    out = jax.jit(lambda x: sample(fn, x, sched, guidance=guidance.CFG(1.0), **kwargs))(x)
     return float(tb.sliced_wasserstein(out, real, jax.random.key(9))), floor
 
 
@@ -141,35 +143,62 @@ def test_stochastic_sampler_at_scale_1_reaches_the_true_conditional(sampler, fas
     assert distance < 2.5 * floor, (distance, floor)
 
 
-def _run_cfg(gm, sampler="dpmpp_2m", steps=30, n=1024, label=0, **mixtures):
-    """One compile; returns f(scale, sigma_min, sigma_max) -> samples of class ``label`` (same noise)."""
+def _runner(gm, sampler="dpmpp_2m", steps=30, n=1024, label=0, diagnostics=False, **mixtures):
+    """``run(method)`` -> samples of class ``label`` on the same noise, (n, D), or (K, n, D) for a method
+    swept over K values; one compile per kind of method."""
     sched = make_schedule(tb.CONFIG, sampler, steps)
     x = jax.random.normal(jax.random.key(0), (n, gm.dim)) * sched.init_noise_sigma
-    labels = jnp.full(n, label)
+    fn = tb.model_fn(gm, jnp.full(n, label), tb.CONFIG, **mixtures)
 
     @jax.jit
-    def run(scale, lo, hi):
-        return sample(tb.cfg_model_fn(gm, labels, tb.CONFIG, scale, (lo, hi), **mixtures), x, sched)
+    def run(method):
+        one = lambda m: sample(fn, x, sched, guidance=m, diagnostics=diagnostics)  # noqa: E731
+        if guidance.sweep_size(method) is None:
+            return one(method)
+        return jax.vmap(one, in_axes=(guidance.sweep_axes(method),))(method)
 
-    return lambda scale, lo=0.0, hi=np.inf: run(jnp.float32(scale), jnp.float32(lo), jnp.float32(hi))
+    return run
+
+
+def _imperfect(gm):
+    return {"cond": tb.smoothed(gm, 0.15), "uncond": tb.smoothed(gm, 0.4)}
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun", "ddim", "dpmpp_2m"])
+def test_loop_guidance_matches_the_testbeds_own_combination(sampler, fast_compile):
+    """The loop's CFG and Interval give what the single-output model with the combination inside gives."""
+    gm = tb.blobs_2d()
+    n = 64
+    labels = jnp.arange(n) % gm.num_classes
+    sched = make_schedule(tb.CONFIG, sampler, 12)
+    x = jax.random.normal(jax.random.key(0), (n, 2)) * sched.init_noise_sigma
+    fn = tb.model_fn(gm, labels, tb.CONFIG, **_imperfect(gm))
+    for method, interval in [(guidance.CFG(2.5), None), (guidance.Interval(guidance.CFG(2.5), 0.2, 2.0), (0.2, 2.0))]:
+        want = sample(tb.cfg_model_fn(gm, labels, tb.CONFIG, 2.5, interval, **_imperfect(gm)), x, sched)
+        got = sample(fn, x, sched, guidance=method)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, err_msg=str(method))
 
 
 def test_cfg_scale_raises_precision_and_lowers_diversity(fast_compile):
     """With an unconditional model that fits worse than the conditional one (Karras et al. 2024), raising
     the scale raises precision (share in the class's 95 % highest-density region) and lowers diversity and
     recall. With exact denoisers, the scale raises the Bayes classifier's accuracy and lowers diversity, but
-    precision falls: guidance pushes samples away from the other classes, past the class's own support."""
+    precision falls: guidance pushes samples away from the other classes, past the class's own support.
+    One compiled sweep per model; each k equals the single run at that scale."""
     gm = tb.blobs_2d()
     key = jax.random.key(1)
-    run = _run_cfg(gm, cond=tb.smoothed(gm, 0.15), uncond=tb.smoothed(gm, 0.4))
-    m = [tb.evaluate(gm, run(s), 0, key) for s in (1.0, 2.0, 4.0)]
+    scales = np.asarray([1.0, 2.0, 4.0], np.float32)
+    run = _runner(gm, **_imperfect(gm))
+    swept = run(guidance.CFG(scales))
+    assert swept.shape == (3, 1024, 2)
+    np.testing.assert_allclose(np.asarray(swept[1]), np.asarray(run(guidance.CFG(2.0))), atol=1e-5)
+    m = [tb.evaluate(gm, x, 0, key) for x in swept]
     prec, div, rec = ([r[k] for r in m] for k in ("precision", "diversity", "recall"))
     assert prec[0] < 0.94 and prec[0] + 0.04 < prec[1] < prec[2], m
     assert div[0] > div[1] + 0.08 > div[2] + 0.16, m
     assert rec[0] > rec[1] > rec[2], m
 
-    exact = _run_cfg(gm)
-    m = [tb.evaluate(gm, exact(s), 0, key) for s in (1.0, 3.0, 6.0)]
+    m = [tb.evaluate(gm, x, 0, key) for x in _runner(gm)(guidance.CFG(np.asarray([1.0, 3.0, 6.0], np.float32)))]
     acc, div, prec = ([r[k] for r in m] for k in ("accuracy", "diversity", "precision"))
     assert abs(m[0]["precision"] - 0.95) < 0.03 and m[0]["sliced_w2"] < 0.08, m[0]  # scale 1 is the truth
     assert acc[0] < 0.99 < acc[1] and acc[2] > 0.99, m
@@ -177,17 +206,32 @@ def test_cfg_scale_raises_precision_and_lowers_diversity(fast_compile):
     assert prec[2] < prec[0] - 0.1, m
 
 
-def test_guidance_interval_keeps_diversity_at_matched_precision(fast_compile):
-    """Kynkäänniemi et al. 2024: guiding only in a middle range of noise levels reaches the precision of
-    guiding everywhere with more diversity and recall left."""
+def test_interval_and_increasing_schedule_keep_diversity_at_matched_precision(fast_compile):
+    """Guiding only in a middle range of noise levels (Kynkäänniemi et al. 2024), or with a scale that grows
+    from 0 at pure noise (Wang et al. 2024's linear schedule, mean 1), reaches the precision of constant
+    scale 2 everywhere with more diversity and recall left."""
     gm = tb.blobs_2d()
     key = jax.random.key(1)
-    run = _run_cfg(gm, cond=tb.smoothed(gm, 0.15), uncond=tb.smoothed(gm, 0.4))
-    full = tb.evaluate(gm, run(2.0), 0, key)
-    limited = tb.evaluate(gm, run(2.0, 0.2, 2.0), 0, key)
-    assert limited["precision"] >= full["precision"] - 0.005, (full, limited)
-    assert limited["diversity"] > full["diversity"] + 0.02, (full, limited)
-    assert limited["recall"] > full["recall"] + 0.04, (full, limited)
+    run = _runner(gm, **_imperfect(gm))
+    full = tb.evaluate(gm, run(guidance.CFG(2.0)), 0, key)
+    limited = tb.evaluate(gm, run(guidance.Interval(guidance.CFG(2.0), 0.2, 2.0)), 0, key)
+    linear = tb.evaluate(gm, run(guidance.CFG(guidance.Linear(1.0))), 0, key)
+    for other in (limited, linear):
+        assert other["precision"] >= full["precision"] - 0.005, (full, other)
+        assert other["diversity"] > full["diversity"] + 0.03, (full, other)
+        assert other["recall"] > full["recall"] + 0.04, (full, other)
+
+
+def test_diagnostics_show_where_guidance_acts(fast_compile):
+    """Per-step diagnostics: the guidance term is zero outside the interval and not inside it."""
+    gm = tb.blobs_2d()
+    run = _runner(gm, n=256, diagnostics=True, **_imperfect(gm))
+    _, diag = run(guidance.Interval(guidance.CFG(3.0), 0.2, 2.0))
+    sigmas = np.asarray(make_schedule(tb.CONFIG, "dpmpp_2m", 30).sigmas[:-1])
+    norm = np.asarray(diag["guidance_norm"]).mean(axis=-1)
+    inside = (sigmas > 0.2) & (sigmas <= 2.0)
+    assert inside.sum() >= 5 and (norm[inside] > 1e-3).all() and (norm[~inside] == 0).all(), (sigmas, norm)
+    assert np.isfinite(np.asarray(diag["latent_std"])).all()
 
 
 def test_metrics_tell_truth_from_collapse():
