@@ -2,7 +2,7 @@
 the testbed's Gaussian mixtures, measure precision / recall / diversity / distance to the true conditional,
 and draw the plots.
 
-    python examples/guidance_study.py                 # writes docs/guidance_testbed.png, prints the tables
+    python examples/guidance_study.py                 # writes docs/guidance_testbed.png and .md (the tables)
     python examples/guidance_study.py --out /tmp/x.png --samples 4096
 
 Two models of the same 2-D data (``testbed.blobs_2d``, three overlapping classes):
@@ -158,11 +158,19 @@ def main() -> None:
     models = {"imperfect": {"cond": tb.smoothed(gm, 0.15), "uncond": tb.smoothed(gm, 0.4)}, "exact": {}}
     curves = {(model, name): sweep(gm, args.samples, 0, setting, **mixtures)
               for model, mixtures in models.items() for name, setting in SETTINGS.items()}
-    print(table("2-D blobs, class 0", {f"{m}: {s}": v for (m, s), v in curves.items()}))
     high = tb.random_mixture(0, 16)
     high_imperfect = {"cond": tb.smoothed(high, 0.1), "uncond": tb.smoothed(high, 0.3)}
-    print(table("16-D random mixture, class 0, imperfect model",
-                {name: sweep(high, args.samples, 0, setting, **high_imperfect) for name, setting in SETTINGS.items()}))
+    tables = [
+        table("2-D blobs, class 0", {f"{m}: {s}": v for (m, s), v in curves.items()}),
+        table("16-D random mixture, class 0, imperfect model",
+              {name: sweep(high, args.samples, 0, setting, **high_imperfect) for name, setting in SETTINGS.items()}),
+    ]
+    text = "\n\n".join(tables)
+    print(text)
+    header = (f"# Guidance on the Gaussian-mixture testbed\n\nWritten by `examples/guidance_study.py` ({SAMPLER}, "
+              f"{STEPS} steps, {args.samples} samples); metrics as `sdjax.guidance.testbed.evaluate`.\n\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".md").write_text(header + text + "\n")
     plot(gm, args.samples, curves, args.out)
 
 
