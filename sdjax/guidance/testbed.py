@@ -17,7 +17,7 @@ so precision, recall, diversity and a distance to the truth can be measured inst
     schedule = make_schedule(testbed.CONFIG, "euler", 20)
     x = jax.random.normal(key, (512, 2)) * schedule.init_noise_sigma
     out = sample(testbed.model_fn(gm, labels, testbed.CONFIG), x, schedule, guidance=guidance.CFG(3.0))
-    testbed.evaluate(gm, out, 0, key)  # {"precision": ..., "recall": ..., "sliced_w2": ..., "diversity": ...}
+    testbed.evaluate(gm, out, 0, key)  # {"precision": ..., "recall": ..., "sliced_w2": ..., ...}
 
 The model sees what the UNet sees, ``x_in`` in variance-preserving form and the timestep ``t``; it recovers
 the noise level from ``t`` as diffusers places fractional timesteps (linear interpolation in log sigma over
