@@ -11,8 +11,12 @@ __all__ = ["Pipeline", "load", "__version__"]
 
 def __getattr__(name: str):
     # Imported on first use: `import sdjax` stays light (no model code, no transformers) until needed.
-    if name in ("Pipeline", "load"):
-        from sdjax import pipeline
+    if name == "Pipeline":
+        from sdjax.pipeline import Pipeline
 
-        return getattr(pipeline, name)
+        return Pipeline
+    if name == "load":
+        from sdjax.loaders import load
+
+        return load
     raise AttributeError(f"module 'sdjax' has no attribute {name!r}")
