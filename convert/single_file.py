@@ -357,11 +357,12 @@ def unet_module_table(config: Mapping[str, Any]) -> dict[str, tuple[str, Renames
             index += 1
 
     mid_type = config.get("mid_block_type", "UNetMidBlock2DCrossAttn")
-    if mid_type != "UNetMidBlock2DCrossAttn":
+    if mid_type not in ("UNetMidBlock2DCrossAttn", None):
         raise CheckpointError(f"unsupported UNet mid_block_type {mid_type!r}")
-    modules["middle_block.0"] = ("mid_block.resnets.0", _UNET_RESNET)
-    modules["middle_block.1"] = ("mid_block.attentions.0", None)
-    modules["middle_block.2"] = ("mid_block.resnets.1", _UNET_RESNET)
+    if mid_type is not None:
+        modules["middle_block.0"] = ("mid_block.resnets.0", _UNET_RESNET)
+        modules["middle_block.1"] = ("mid_block.attentions.0", None)
+        modules["middle_block.2"] = ("mid_block.resnets.1", _UNET_RESNET)
 
     index = 0
     for level, block_type in enumerate(up_types):
