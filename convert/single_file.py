@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from sdjax.convert.architecture import infer_text_encoder_config, infer_unet_config, infer_vae_config
 from sdjax.convert.safe_load import CheckpointError, read_checkpoint
 
 __all__ = [
@@ -141,6 +142,10 @@ def split_single_file(
     (``unet/config.json``, ``scheduler/scheduler_config.json`` ...) or a mapping from component name ("unet",
     "vae", "text_encoder", "text_encoder_2", "scheduler") to a config dict.
 
+    Components without an overriding config get one read from the weights (``sdjax.convert.architecture``):
+    the family's shipped config where the weights agree with it, so distilled and pruned UNets, other VAEs and
+    text encoders of other sizes load from the file alone.
+
     ``prediction_type`` ("epsilon", "v_prediction" or "sample") wins over everything; then a prediction type in
     an overriding scheduler config; then, for SD 2.x text-to-image files, diffusers' heuristic: epsilon only
     when ``global_step`` is 875000 (the 512-base run), else v-prediction (768-v); every other family is epsilon.
@@ -151,18 +156,32 @@ def split_single_file(
     overrides = _read_config_overrides(configs)
     prediction = _resolve_prediction_type(family, prediction_type, overrides.get("scheduler"), global_step)
     config_name = "sd2_v" if family == "sd2" and prediction == "v_prediction" else family
-    all_configs = {**_read_config_folder(config_dir(config_name)), **overrides}
+    shipped = _read_config_folder(config_dir(config_name))
+    all_configs = {**shipped, **overrides}
     scheduler_config = {**all_configs.pop("scheduler"), "prediction_type": prediction}
 
     encoders = _FAMILY_ENCODERS[family.removesuffix("_inpaint")]
-    components = {"unet": convert_ldm_unet(_strip_prefix(state_dict, UNET_PREFIX), all_configs["unet"])}
+    unet = _strip_prefix(state_dict, UNET_PREFIX)
+    if "unet" in overrides:
+        components = {"unet": convert_ldm_unet(unet, all_configs["unet"])}
+    else:
+        components = {"unet": convert_ldm_unet(unet, {**shipped["unet"], **ldm_unet_skeleton(unet)})}
+        all_configs["unet"] = infer_unet_config(components["unet"], shipped["unet"], family)
     vae = _strip_prefix(state_dict, VAE_PREFIX)
     if vae:
-        components["vae"] = convert_ldm_vae(vae, all_configs["vae"])
+        components["vae"], config = convert_vae_inferring(vae, all_configs["vae"], explicit="vae" in overrides)
+        all_configs["vae"] = config
     for encoder in encoders:
         weights = _strip_prefix(state_dict, encoder.prefix)
-        if weights:
-            components[encoder.component] = _convert_encoder(encoder, weights, all_configs[encoder.component], family)
+        if not weights:
+            continue
+        name = encoder.component
+        if name in overrides:
+            components[name] = _convert_encoder(encoder, weights, all_configs[name], family)
+            continue
+        layers = _encoder_layers(encoder, weights) - (1 if encoder.openclip and family.startswith("sd2") else 0)
+        components[name] = _convert_encoder(encoder, weights, {**shipped[name], "num_hidden_layers": layers}, family)
+        all_configs[name] = infer_text_encoder_config(components[name], shipped[name])
 
     wanted = ("unet", "vae", *(e.component for e in encoders))
     return SingleFileModel(
@@ -173,6 +192,84 @@ def split_single_file(
         tokenizers={e.component: e.tokenizer for e in encoders},
         config_name=config_name,
     )
+
+
+def convert_vae_inferring(
+    weights: Mapping[str, Any], config: Mapping[str, Any], *, explicit: bool = False
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """LDM VAE weights -> (AutoencoderKL state dict, its config): ``config`` as given when ``explicit``, else
+    ``config`` corrected to what the weights show (levels, channels, latent channels ...)."""
+    if explicit:
+        return convert_ldm_vae(weights, config), dict(config)
+    converted = convert_ldm_vae(weights, {**config, **ldm_vae_skeleton(weights)})
+    return converted, infer_vae_config(converted, config)
+
+
+def ldm_unet_skeleton(weights: Mapping[str, Any]) -> dict[str, Any]:
+    """The block structure of an LDM UNet (keys without ``model.diffusion_model.``), as diffusers config keys:
+    enough to build the renaming table; :func:`~sdjax.convert.architecture.infer_unet_config` reads the rest."""
+    keys = set(weights)
+    layers, attention, current, has_attention = [], [], 0, set()
+    index = 1
+    while _has_prefix(weights, f"input_blocks.{index}."):
+        if _has_prefix(weights, f"input_blocks.{index}.0.op."):
+            layers.append(current)
+            attention.append(bool(has_attention))
+            current, has_attention = 0, set()
+        else:
+            current += 1
+            if _has_prefix(weights, f"input_blocks.{index}.1."):
+                has_attention.add(index)
+        index += 1
+    layers.append(current)
+    attention.append(bool(has_attention))
+    if 0 in layers:
+        raise CheckpointError(f"cannot read the UNet's block structure: a level without resnets (layers {layers})")
+    up_attention, index = [], 0
+    for count in reversed(layers):
+        up_attention.append(any(_has_prefix(weights, f"output_blocks.{index + j}.1.proj_in.")
+                                for j in range(count + 1)))
+        index += count + 1
+    if _has_prefix(weights, "middle_block.1.proj_in."):
+        mid: str | None = "UNetMidBlock2DCrossAttn"
+    elif _has_prefix(weights, "middle_block."):
+        raise CheckpointError("the UNet's middle block has no attention (ComfyUI transformer_depth_middle=-1), "
+                              "which diffusers' UNet2DConditionModel and sdjax cannot express")
+    else:
+        mid = None
+    return {
+        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention],
+        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in up_attention],
+        "layers_per_block": layers,
+        "mid_block_type": mid,
+        "addition_embed_type": "text_time" if "label_emb.0.0.weight" in keys else None,
+    }
+
+
+def ldm_vae_skeleton(weights: Mapping[str, Any]) -> dict[str, Any]:
+    """Levels, resnets per level and mid-block attention of an LDM VAE (keys without ``first_stage_model.``)."""
+    levels = 0
+    while _has_prefix(weights, f"encoder.down.{levels}."):
+        levels += 1
+    layers = 0
+    while _has_prefix(weights, f"encoder.down.0.block.{layers}."):
+        layers += 1
+    if not levels or not layers:
+        raise CheckpointError("cannot read the VAE's architecture: no encoder.down.N.block.M weights")
+    return {
+        "block_out_channels": [0] * levels,  # only the count matters for the renaming table
+        "layers_per_block": layers,
+        "mid_block_add_attention": _has_prefix(weights, "encoder.mid.attn_1."),
+    }
+
+
+def _encoder_layers(encoder: _Encoder, weights: Mapping[str, Any]) -> int:
+    prefix = "transformer.resblocks.{}." if encoder.openclip else "text_model.encoder.layers.{}."
+    n = 0
+    while _has_prefix(weights, prefix.format(n)) or (
+            not encoder.openclip and _has_prefix(weights, f"encoder.layers.{n}.")):
+        n += 1
+    return n
 
 
 def detect_family(state_dict: Mapping[str, Any]) -> str:

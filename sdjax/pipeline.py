@@ -76,6 +76,25 @@ class Pipeline:
 
         return apply_embeddings(self, source, token=token)
 
+    def with_vae(self, vae: AutoencoderKL, params: Any) -> Pipeline:
+        """A new pipeline with another VAE (``sdjax.load(model, vae=PATH)`` reads one from a file or folder)."""
+        return self.replace(vae=vae, params={**self.params, "vae": params})
+
+    def with_unet(self, unet: UNet2DConditionModel, params: Any) -> Pipeline:
+        """A new pipeline with another UNet (``sdjax.load(model, unet=PATH)`` reads one from a file or folder)."""
+        return self.replace(unet=unet, params={**self.params, "unet": params})
+
+    def with_scheduler(self, **changes: Any) -> Pipeline:
+        """A new pipeline whose scheduler config has ``changes`` (e.g. ``timestep_spacing="trailing"``)."""
+        return self.replace(scheduler=dataclasses.replace(self.scheduler, **changes))
+
+    def with_preset(self, name: str) -> Pipeline:
+        """A new pipeline with the scheduler settings of a few-step preset (see ``sdjax.presets.PRESETS``); the
+        preset's steps / guidance / sampler come from ``sdjax.presets.generation_defaults(name)``."""
+        from sdjax.presets import get_preset
+
+        return self.with_scheduler(**get_preset(name).scheduler_overrides)
+
     # --- generation (the public API): all three tasks call sdjax.generate.run -----------------------------
 
     def text_to_image(
