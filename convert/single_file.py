@@ -153,7 +153,7 @@ def split_single_file(
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
     family = detect_family(state_dict)
-    overrides = _read_config_overrides(configs)
+    overrides = read_config_overrides(configs)
     prediction = _resolve_prediction_type(family, prediction_type, overrides.get("scheduler"), global_step)
     config_name = "sd2_v" if family == "sd2" and prediction == "v_prediction" else family
     shipped = _read_config_folder(config_dir(config_name))
@@ -365,9 +365,10 @@ def _read_config_folder(folder: Path) -> dict[str, dict[str, Any]]:
     return configs
 
 
-def _read_config_overrides(
+def read_config_overrides(
     configs: str | os.PathLike | Mapping[str, Mapping[str, Any]] | None,
 ) -> dict[str, dict[str, Any]]:
+    """Component configs from a diffusers-layout folder or a mapping of component name -> config dict."""
     if configs is None:
         return {}
     if isinstance(configs, str | os.PathLike):

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 
+from sdjax.convert.architecture import infer_text_encoder_config, infer_unet_config, infer_vae_config
 from sdjax.convert.safe_load import CheckpointError, read_state_dict
-from sdjax.loaders.assemble import build_pipeline
+from sdjax.loaders.assemble import build_pipeline, convert_components
 from sdjax.models.config import ConfigError, read_json
 from sdjax.pipeline import TEXT_ENCODERS, TOKENIZER_FOR, Pipeline
 
@@ -97,15 +99,91 @@ def read_component_weights(folder: Path, *, variant: str | None = None) -> dict[
     return state_dict
 
 
-def load_diffusers_folder(folder: Path, *, dtype: Any = jnp.float32, variant: str | None = None) -> Pipeline:
+def _family(state_dicts: Mapping[str, Mapping[str, Any]]) -> str:
+    """The shipped family whose configs are the defaults for components without a usable config.json."""
+    unet = state_dicts.get("unet", {})
+    if "add_embedding.linear_1.weight" in unet:
+        return "sdxl" if "text_encoder" in state_dicts else "sdxl_refiner"
+    width = next((v.shape[1] for k, v in sorted(unet.items()) if k.endswith("attn2.to_k.weight")), 768)
+    return "sd1" if width == 768 else "sd2"
+
+
+def _inferred(name: str, kind: str, state: Mapping[str, Any], defaults: dict[str, Any], family: str):
+    if kind == "unet":
+        return infer_unet_config(state, defaults, family)
+    if kind == "vae":
+        return infer_vae_config(state, defaults)
+    return infer_text_encoder_config(state, defaults)
+
+
+def _configs_from_weights(
+    folder: Path, components: Mapping[str, str], configs: dict[str, dict[str, Any] | None],
+    state_dicts: dict[str, dict[str, np.ndarray]], explicit: set[str],
+) -> dict[str, dict[str, Any]]:
+    """Each model component's config: explicit ones as given; a missing config.json, or one the weights do not
+    fit, replaced by one read from the weights (with a warning naming the fields the weights corrected)."""
+    from sdjax.convert.single_file import config_dir
+
+    family = _family(state_dicts)
+    shipped = config_dir(family)
+    out: dict[str, dict[str, Any]] = {}
+    for name, kind in components.items():
+        if kind not in ("unet", "vae", "clip"):
+            continue
+        config = configs.get(name)
+        if config is not None and (name in explicit or _fits(name, config, state_dicts[name])):
+            out[name] = config
+            continue
+        default_file = shipped / name / "config.json"
+        defaults = config if config is not None else read_json(default_file) if default_file.is_file() else {}
+        try:
+            inferred = _inferred(name, kind, state_dicts[name], defaults, family)
+        except ConfigError:
+            if config is None:
+                raise
+            out[name] = config  # the weights say nothing usable: keep the config and let conversion report
+            continue
+        if config is None:
+            warnings.warn(f"{folder / name}: no config.json; read the architecture from the weights "
+                          f"({family} conventions for the rest)", stacklevel=4)
+        elif _fits(name, inferred, state_dicts[name]):
+            changed = sorted(k for k in inferred if inferred.get(k) != config.get(k))
+            warnings.warn(f"{folder / name}/config.json does not fit the weights; corrected from the weights: "
+                          f"{', '.join(changed)}", stacklevel=4)
+        else:
+            inferred = config  # neither fits: keep the file's config so the error names its mismatches
+        out[name] = inferred
+    return out
+
+
+def _fits(name: str, config: Mapping[str, Any], state: Mapping[str, Any]) -> bool:
+    """Whether the weights convert under ``config`` (no dtype cast: the arrays are only viewed, not copied)."""
+    from sdjax.convert.weights import WeightMismatchError
+
+    try:
+        convert_components({name: dict(config)}, {name: dict(state)}, dtype=None)
+    except (WeightMismatchError, ConfigError):
+        return False
+    return True
+
+
+def load_diffusers_folder(folder: Path, *, dtype: Any = jnp.float32, variant: str | None = None,
+                          configs: Mapping[str, Mapping[str, Any]] | None = None) -> Pipeline:
+    """A Pipeline from a diffusers folder. ``configs``: component name -> config dict that replaces the folder's
+    own; components whose config.json is missing or does not fit their weights get one read from the weights."""
     index = read_model_index(folder)
     components = pipeline_components(index)
-    configs: dict[str, dict[str, Any]] = {}
+    found: dict[str, dict[str, Any] | None] = {}
     state_dicts: dict[str, dict[str, np.ndarray]] = {}
     for name, kind in components.items():
         if kind in ("unet", "vae", "clip"):
-            configs[name] = read_json(folder / name / "config.json")
+            file = folder / name / "config.json"
+            found[name] = read_json(file) if file.is_file() else None
             state_dicts[name] = read_component_weights(folder / name, variant=variant)
+    overrides = dict(configs or {})
+    scheduler = dict(overrides.pop("scheduler", None) or {})
+    found.update({name: dict(config) for name, config in overrides.items() if name in found})
+    model_configs = _configs_from_weights(folder, components, found, state_dicts, set(overrides) & set(found))
     if "scheduler" not in components:
         raise ConfigError(f"{folder}: model_index.json lists no scheduler")
     tokenizer_folders = {
@@ -113,9 +191,9 @@ def load_diffusers_folder(folder: Path, *, dtype: Any = jnp.float32, variant: st
         for name in TEXT_ENCODERS
     }
     return build_pipeline(
-        configs=configs,
+        configs=model_configs,
         state_dicts=state_dicts,
-        scheduler_config=read_json(folder / "scheduler" / "scheduler_config.json"),
+        scheduler_config=scheduler or read_json(folder / "scheduler" / "scheduler_config.json"),
         tokenizer_folders=tokenizer_folders,
         dtype=dtype,
         force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", False)),
