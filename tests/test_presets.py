@@ -3,6 +3,7 @@ timesteps and sigmas), and one runs end to end against diffusers."""
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 
@@ -68,7 +69,7 @@ def test_generation_defaults_are_text_to_image_keywords() -> None:
     assert generation_defaults("sdxl-lightning-4step") == {"num_steps": 4, "guidance_scale": 0.0, "sampler": "euler"}
     with pytest.raises(ValueError, match="unknown preset 'sdxl-lightning-3step'"):
         get_preset("sdxl-lightning-3step")
-    with pytest.raises(Exception):  # frozen: presets are data
+    with pytest.raises(dataclasses.FrozenInstanceError):  # presets are data
         PRESETS["sdxl-turbo"].num_steps = 2
 
 
