@@ -747,3 +747,102 @@ def _describe_prefixes(state_dict: Mapping[str, Any]) -> str:
 def _preview(keys: list[str], limit: int = 5) -> str:
     shown = ", ".join(keys[:limit])
     return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
+
+
+# --- writing: diffusers-layout components -> one single-file state dict ------------------------------------------
+
+
+def _invert_modules(
+    state: Mapping[str, Any], modules: Mapping[str, tuple[str, Renames]], what: str
+) -> dict[str, Any]:
+    """The inverse of :func:`_rename_modules`: diffusers keys back to the original layout's, by the same table."""
+    inverse = {target: (module, renames) for module, (target, renames) in modules.items()}
+    out, unplaced = {}, []
+    for key, value in state.items():
+        target, inner = _find_module(key, inverse)
+        if target is None:
+            unplaced.append(key)
+            continue
+        module, renames = inverse[target]
+        if renames is not None:
+            back = {new: old for old, new in renames.items()}
+            renamed = _rename_inner(inner, back)
+            if renamed is None:
+                unplaced.append(key)
+                continue
+            inner = renamed
+        out[f"{module}.{inner}"] = value
+    if unplaced:
+        raise CheckpointError(f"{what}: {len(unplaced)} weights have no place in the single-file layout "
+                              f"({_preview(unplaced)})")
+    return out
+
+
+def unet_to_ldm(state: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, Any]:
+    """UNet2DConditionModel state dict -> LDM UNet keys (without ``model.diffusion_model.``)."""
+    return _invert_modules(state, unet_module_table(config), "UNet")
+
+
+def vae_to_ldm(state: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, Any]:
+    """AutoencoderKL state dict -> LDM VAE keys (without ``first_stage_model.``); attention back to 1x1 convs."""
+    out = _invert_modules(state, _vae_modules(config), "VAE")
+    for key, value in out.items():
+        if ".mid.attn_1." in key and key.endswith(".weight") and value.ndim == 2:
+            out[key] = value[:, :, None, None]
+    return out
+
+
+def clip_to_ldm(state: Mapping[str, Any]) -> dict[str, Any]:
+    """transformers CLIPTextModel state dict -> the embedded transformers keys LDM files use (``text_model.``)."""
+    return {k if k.startswith(("text_model.", "text_projection")) else f"text_model.{k}": v
+            for k, v in state.items() if not k.startswith("text_projection")}
+
+
+def openclip_to_ldm(state: Mapping[str, Any], *, extra_layer: bool = False) -> dict[str, Any]:
+    """CLIPTextModel(WithProjection) state dict -> OpenCLIP text tower keys. ``extra_layer``: repeat the last
+    resblock once more, as SD 2.x files carry OpenCLIP-H's 24th block, which SD 2.x (penultimate layer) skips."""
+    state = {k.removeprefix("text_model."): v for k, v in state.items()}
+    inverse_top = {v.removeprefix("text_model."): k for k, v in _OPENCLIP_TOP.items()}
+    inverse_layer = {v: k for k, v in _OPENCLIP_LAYER.items()}
+    out: dict[str, Any] = {}
+    layers = 0
+    for key, value in state.items():
+        if key in inverse_top:
+            out[inverse_top[key]] = value
+        elif key == "text_projection.weight":
+            out["text_projection"] = np.ascontiguousarray(np.asarray(value).T)
+        elif key.startswith("encoder.layers."):
+            layer, _, inner = key.removeprefix("encoder.layers.").partition(".")
+            layers = max(layers, int(layer) + 1)
+            module, _, leaf = inner.rpartition(".")
+            if module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+                continue  # fused below
+            out[f"transformer.resblocks.{layer}.{inverse_layer[module]}.{leaf}"] = value
+        else:
+            raise CheckpointError(f"OpenCLIP text encoder: no place for {key} in the single-file layout")
+    for n in range(layers):
+        for leaf in ("weight", "bias"):
+            parts = [np.asarray(state[f"encoder.layers.{n}.self_attn.{p}_proj.{leaf}"]) for p in "qkv"]
+            out[f"transformer.resblocks.{n}.attn.in_proj_{leaf}"] = np.concatenate(parts, axis=0)
+    if extra_layer and layers:
+        last = f"transformer.resblocks.{layers - 1}."
+        out.update({k.replace(last, f"transformer.resblocks.{layers}."): v for k, v in list(out.items())
+                    if k.startswith(last)})
+    return out
+
+
+def to_single_file(
+    family: str, components: Mapping[str, Mapping[str, Any]], configs: Mapping[str, Mapping[str, Any]]
+) -> dict[str, Any]:
+    """Diffusers-layout component state dicts of ``family`` -> one single-file state dict (the inverse of
+    :func:`split_single_file`, readable by A1111 / ComfyUI / diffusers' from_single_file)."""
+    base = family.removesuffix("_inpaint")
+    out = {UNET_PREFIX + k: v for k, v in unet_to_ldm(components["unet"], configs["unet"]).items()}
+    out.update({VAE_PREFIX + k: v for k, v in vae_to_ldm(components["vae"], configs["vae"]).items()})
+    for encoder in _FAMILY_ENCODERS[base]:
+        state = components.get(encoder.component)
+        if state is None:
+            continue
+        weights = openclip_to_ldm(state, extra_layer=base == "sd2") if encoder.openclip else clip_to_ldm(state)
+        out.update({encoder.prefix + k: v for k, v in weights.items()})
+    return out

@@ -6,7 +6,7 @@ _xla_flags.apply()
 
 __version__ = "0.1.0"
 
-__all__ = ["Pipeline", "load", "__version__"]
+__all__ = ["Pipeline", "load", "merge", "presets", "__version__"]
 
 
 def __getattr__(name: str):
@@ -19,4 +19,12 @@ def __getattr__(name: str):
         from sdjax.loaders import load
 
         return load
+    if name == "merge":
+        from sdjax.loaders.merge import merge
+
+        return merge
+    if name == "presets":
+        import sdjax.presets
+
+        return sdjax.presets
     raise AttributeError(f"module 'sdjax' has no attribute {name!r}")

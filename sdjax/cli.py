@@ -61,8 +61,25 @@ def _build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="cast the params when writing")
     conv.add_argument("--prediction-type", choices=("epsilon", "v_prediction", "sample"),
                       help="override the scheduler's (e.g. SD 2.x 768-v single files)")
+    conv.add_argument("--config", metavar="FOLDER",
+                      help="a diffusers-layout folder whose component configs replace the ones read from the "
+                           "weights / the model's own (unet/config.json, scheduler/scheduler_config.json ...)")
     conv.add_argument("--force", action="store_true", help="replace OUT if it exists")
     conv.set_defaults(run=_convert)
+
+    merge = commands.add_parser("merge", help="merge two checkpoints of one architecture (A1111's merger): "
+                                              "(1 - alpha) * A + alpha * B, or A + (B - C) * alpha with --subtract")
+    merge.add_argument("a", metavar="A")
+    merge.add_argument("b", metavar="B")
+    merge.add_argument("out", metavar="OUT")
+    merge.add_argument("--alpha", type=float, required=True, help="B's weight (0.3: 70%% A, 30%% B)")
+    merge.add_argument("--subtract", metavar="C", help="add difference: A + (B - C) * alpha")
+    merge.add_argument("--format", choices=("sdjax", "safetensors"), default="sdjax",
+                       help="an sdjax checkpoint folder (default) or one .safetensors file in the original layout")
+    merge.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="cast the params when writing")
+    merge.add_argument("--config", metavar="FOLDER", help="configs for single-file inputs (as convert's --config)")
+    merge.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    merge.set_defaults(run=_merge)
 
     export = commands.add_parser("export", help="write any loadable model as a diffusers folder (safetensors)")
     export.add_argument("src")
@@ -82,9 +99,21 @@ def _convert(args: argparse.Namespace) -> None:
     import sdjax
     from sdjax.checkpoint import save_checkpoint
 
-    pipe = sdjax.load(args.src, prediction_type=args.prediction_type)
+    pipe = sdjax.load(args.src, prediction_type=args.prediction_type, config=args.config)
     save_checkpoint(pipe, args.out, dtype=args.dtype, force=args.force)
     print(f"wrote sdjax checkpoint {args.out}")
+
+
+def _merge(args: argparse.Namespace) -> None:
+    _check_out(args.out, args.force)
+    for path in (args.a, args.b, args.subtract):
+        if path is not None and not Path(path).exists():
+            raise UsageError(f"no model at {path}")
+    from sdjax.loaders.merge import merge, write_merged
+
+    merged = merge(args.a, args.b, alpha=args.alpha, subtract=args.subtract, config=args.config)
+    write_merged(merged, args.out, format=args.format, dtype=args.dtype, force=args.force)
+    print(f"wrote merged {'sdjax checkpoint' if args.format == 'sdjax' else 'single file'} {args.out}")
 
 
 def _export(args: argparse.Namespace) -> None:

@@ -91,8 +91,10 @@ def _write_configs(pipe: Pipeline, folder: Path) -> None:
         encoder.tokenizer.save_pretrained(str(folder / TOKENIZER_FOR[name]))
 
 
-def save_checkpoint(pipe: Pipeline, out: str | Path, *, dtype: str | None = None, force: bool = False) -> Path:
-    """Write ``pipe`` as an sdjax checkpoint; ``dtype`` ("float32", "bfloat16", "float16") casts the params."""
+def save_checkpoint(pipe: Pipeline, out: str | Path, *, dtype: str | None = None, force: bool = False,
+                    metadata: dict[str, Any] | None = None) -> Path:
+    """Write ``pipe`` as an sdjax checkpoint; ``dtype`` ("float32", "bfloat16", "float16") casts the params.
+    ``metadata``: extra JSON-able entries for the marker file (e.g. a merge recipe)."""
     import orbax.checkpoint as ocp
 
     params = pipe.params
@@ -111,6 +113,7 @@ def save_checkpoint(pipe: Pipeline, out: str | Path, *, dtype: str | None = None
             "projections": {n: e.module.with_projection for n, e in pipe.text_encoders.items()},
             "force_zeros_for_empty_prompt": pipe.force_zeros_for_empty_prompt,
             "requires_aesthetics_score": pipe.requires_aesthetics_score,
+            **(metadata or {}),
         })
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(tmp / "params", jax.tree.map(np.asarray, params))
