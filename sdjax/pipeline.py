@@ -65,16 +65,32 @@ class Pipeline:
     def with_lora(self, source: Any, weight: float = 1.0) -> Pipeline:
         """A new pipeline with a LoRA merged into its params (kohya/A1111 or diffusers/PEFT layout, a path or a
         state dict); this one is untouched. Chain calls, or use ``sdjax.convert.lora.apply_lora`` for several."""
-        from sdjax.convert.lora import apply_lora
+        from sdjax.convert.lora import merged_lora_params
 
-        return apply_lora(self, [(source, weight)])
+        return self.replace(params=merged_lora_params(self.params, [(source, weight)], unet_config=self.unet.config))
 
     def with_embeddings(self, source: Any, *, token: str | None = None) -> Pipeline:
         """A new pipeline with a textual-inversion embedding added as new token(s) (A1111 .pt/.safetensors,
         diffusers learned_embeds, SDXL clip_l/clip_g pairs); ``token`` defaults to the file's name."""
-        from sdjax.convert.embeddings import apply_embeddings
+        from sdjax.convert.embeddings import added_tokens
 
-        return apply_embeddings(self, source, token=token)
+        return self.with_added_tokens(added_tokens(self, source, token=token))
+
+    def with_added_tokens(self, added: Any) -> Pipeline:
+        """A new pipeline with new tokenizers and token-embedding tables (``sdjax.convert.embeddings.AddedTokens``:
+        encoder name -> tokenizer, and -> embedding table), the text encoders' vocab sizes following the tables."""
+        text_encoders, params = dict(self.text_encoders), dict(self.params)
+        for name, tokenizer in added.tokenizers.items():
+            table = added.embedding_tables[name]
+            encoder = text_encoders[name]
+            config = dataclasses.replace(encoder.config, vocab_size=int(table.shape[0]))
+            text_encoders[name] = dataclasses.replace(encoder, module=encoder.module.clone(config=config),
+                                                      tokenizer=tokenizer)
+            component = dict(params[name])
+            embeddings = dict(component["embeddings"])
+            embeddings["token_embedding"] = {**embeddings["token_embedding"], "embedding": table}
+            params[name] = {**component, "embeddings": embeddings}
+        return self.replace(text_encoders=text_encoders, params=params)
 
     def with_vae(self, vae: AutoencoderKL, params: Any) -> Pipeline:
         """A new pipeline with another VAE (``sdjax.load(model, vae=PATH)`` reads one from a file or folder)."""
