@@ -176,16 +176,3 @@ _SDXL_ONLY = frozenset({
 def _arguments(scope: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in scope.items() if k != "self"}
 
-
-# Loading moved to sdjax.loaders; these names stay importable from here for existing code (imported lazily, so
-# this module never imports a loader).
-_MOVED_TO_LOADERS = frozenset({"load", "DEFAULT_MODEL", "assemble", "build_pipeline", "vae_param_dtype",
-                               "load_diffusers_folder", "load_single_file_pipeline"})
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED_TO_LOADERS:
-        import sdjax.loaders
-
-        return getattr(sdjax.loaders, name)
-    raise AttributeError(f"module 'sdjax.pipeline' has no attribute {name!r}")
