@@ -61,9 +61,10 @@ def _presets() -> dict[str, Preset]:
         # ByteDance/SDXL-Lightning: EulerDiscreteScheduler(timestep_spacing="trailing"), guidance 0; the 1-step
         # model predicts x0 ("prediction_type='sample'").
         scheduler = (*_TRAILING, ("prediction_type", "sample")) if steps == 1 else _TRAILING
+        unet = "sdxl_lightning_1step_unet_x0" if steps == 1 else f"sdxl_lightning_{steps}step_unet"
         presets.append(Preset(
             f"sdxl-lightning-{steps}step", "euler", steps, 0.0, scheduler,
-            f"ByteDance/SDXL-Lightning: sdxl_lightning_{steps}step_unet.safetensors (unet=, onto SDXL base), "
+            f"ByteDance/SDXL-Lightning: {unet}.safetensors (unet=, onto SDXL base), "
             f"sdxl_lightning_{steps}step.safetensors (full) or _lora.safetensors"))
         # ByteDance/Hyper-SD LoRAs: DDIMScheduler(timestep_spacing="trailing"), guidance 0.
         for base, file in (("sdxl", "Hyper-SDXL"), ("sd15", "Hyper-SD15")):
