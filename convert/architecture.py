@@ -168,7 +168,7 @@ def _set_depths(config: dict[str, Any], defaults: Mapping[str, Any], down: list[
                 up: list[list[int] | None], mid: int | None) -> None:
     """transformer_layers_per_block (+ reverse_transformer_layers_per_block when the up blocks differ)."""
     levels = len(down)
-    # Blocks without attention take any value; give them their neighbour's so the list stays uniform when it can.
+    # Blocks without attention take any value: they keep the default's, so standard configs come back unchanged.
     down_values: list[Any] = [_compact(d) if d else None for d in down]
     if mid is not None and down_values[-1] is None:
         down_values[-1] = mid  # diffusers' mid block reads the last down block's depth
