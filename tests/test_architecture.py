@@ -3,6 +3,7 @@ give the images of their diffusers folders; standard checkpoints get the shipped
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import warnings
@@ -173,3 +174,22 @@ def test_standard_shapes_give_the_shipped_configs(family: str) -> None:
     for component in model.tokenizers:
         assert CLIPTextConfig.from_dict(model.configs[component]) == CLIPTextConfig.from_dict(
             json.loads((config_dir(name) / component / "config.json").read_text())), component
+
+
+def test_folder_without_configs_reads_them_from_the_weights(written, tmp_path: Path) -> None:
+    family, folder, _ = written
+    bare = tmp_path / "bare"
+    shutil.copytree(folder, bare)
+    components = [name for name in CASES[family] if (bare / name / "config.json").is_file()]
+    for name in components:
+        (bare / name / "config.json").unlink()
+    with pytest.warns(UserWarning, match="no config.json"):
+        from_weights = sdjax.load(bare)
+    reference = sdjax.load(folder)
+    unet = reference.unet.config
+    if family == "sd2":  # 512-base and 768-v differ only in what weights cannot show: the 512 configs are taken
+        unet = dataclasses.replace(unet, sample_size=64, upcast_attention=False)
+    assert from_weights.unet.config == unet
+    assert from_weights.vae.config == reference.vae.config
+    for name, encoder in reference.text_encoders.items():
+        assert from_weights.text_encoders[name].config == encoder.config, name

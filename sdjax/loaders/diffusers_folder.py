@@ -99,13 +99,17 @@ def read_component_weights(folder: Path, *, variant: str | None = None) -> dict[
     return state_dict
 
 
-def _family(state_dicts: Mapping[str, Mapping[str, Any]]) -> str:
-    """The shipped family whose configs are the defaults for components without a usable config.json."""
+def _family(folder: Path, state_dicts: Mapping[str, Mapping[str, Any]]) -> str:
+    """The shipped family whose configs are the defaults for components without a usable config.json: SDXL by
+    its addition embedding, SD 2.x by its OpenCLIP tokenizer (pads with "!") or its 1024-wide context."""
     unet = state_dicts.get("unet", {})
     if "add_embedding.linear_1.weight" in unet:
         return "sdxl" if "text_encoder" in state_dicts else "sdxl_refiner"
+    tokenizer = folder / "tokenizer" / "tokenizer_config.json"
+    if tokenizer.is_file() and read_json(tokenizer).get("pad_token") == "!":
+        return "sd2"
     width = next((v.shape[1] for k, v in sorted(unet.items()) if k.endswith("attn2.to_k.weight")), 768)
-    return "sd1" if width == 768 else "sd2"
+    return "sd2" if width == 1024 else "sd1"
 
 
 def _inferred(name: str, kind: str, state: Mapping[str, Any], defaults: dict[str, Any], family: str):
@@ -124,7 +128,7 @@ def _configs_from_weights(
     fit, replaced by one read from the weights (with a warning naming the fields the weights corrected)."""
     from sdjax.convert.single_file import config_dir
 
-    family = _family(state_dicts)
+    family = _family(folder, state_dicts)
     shipped = config_dir(family)
     out: dict[str, dict[str, Any]] = {}
     for name, kind in components.items():
