@@ -19,7 +19,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from sdjax.models.config import ConfigError
+from sdjax.config import ConfigError
 
 HEAD_CHANNELS = 64  # SD 2.x, SDXL and CLIP text encoders
 SD1_HEADS = 8

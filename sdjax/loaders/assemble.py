@@ -9,11 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 from transformers import CLIPTokenizer
 
+from sdjax.config import ConfigError
 from sdjax.convert.clip import architectures_have_projection, convert_clip_text, has_projection
 from sdjax.convert.unet import convert_unet
 from sdjax.convert.vae import convert_vae
 from sdjax.models.clip import CLIPTextConfig, CLIPTextModel
-from sdjax.models.config import ConfigError
 from sdjax.models.unet import UNet2DConditionModel, UNetConfig
 from sdjax.models.vae import AutoencoderKL, VAEConfig
 from sdjax.pipeline import TEXT_ENCODERS, Pipeline, TextEncoder

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from sdjax.config import read_json
 from sdjax.convert.architecture import infer_unet_config, infer_vae_config
 from sdjax.convert.safe_load import CheckpointError, read_state_dict
 from sdjax.convert.single_file import (
@@ -32,7 +33,6 @@ from sdjax.convert.unet import convert_unet
 from sdjax.convert.vae import convert_vae
 from sdjax.loaders.assemble import vae_param_dtype
 from sdjax.loaders.diffusers_folder import read_component_weights
-from sdjax.models.config import read_json
 from sdjax.models.unet import UNet2DConditionModel, UNetConfig
 from sdjax.models.vae import AutoencoderKL, VAEConfig
 from sdjax.pipeline import Pipeline

@@ -15,10 +15,10 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from sdjax.config import ConfigError, read_json
 from sdjax.convert.architecture import infer_text_encoder_config, infer_unet_config, infer_vae_config
 from sdjax.convert.safe_load import CheckpointError, read_state_dict
 from sdjax.loaders.assemble import build_pipeline, convert_components
-from sdjax.models.config import ConfigError, read_json
 from sdjax.pipeline import TEXT_ENCODERS, TOKENIZER_FOR, Pipeline
 
 # Component classes sdjax builds, by model_index.json class name.

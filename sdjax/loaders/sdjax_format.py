@@ -27,9 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sdjax.config import ConfigError, read_json
 from sdjax.convert.weights import flatten, from_flax_params, path_to_torch_key
 from sdjax.loaders.assemble import assemble, vae_param_dtype
-from sdjax.models.config import ConfigError, read_json
 from sdjax.pipeline import TEXT_ENCODERS, TOKENIZER_FOR, Pipeline
 
 MARKER = "sdjax_model.json"

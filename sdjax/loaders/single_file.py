@@ -10,9 +10,9 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from sdjax.config import read_json
 from sdjax.convert.single_file import config_dir, load_single_file
 from sdjax.loaders.assemble import build_pipeline
-from sdjax.models.config import read_json
 from sdjax.pipeline import Pipeline
 
 

@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sdjax.models.config import ConfigError, parse_config
+from sdjax.config import ConfigError, parse_config
 from sdjax.models.layers import (
     Downsample2D,
     ResnetBlock2D,
