@@ -21,14 +21,17 @@ import dataclasses
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from sdjax.convert.safe_load import CheckpointError, is_torch_pickle, load_pickle, read_state_dict
 
-__all__ = ["EmbeddingError", "apply_embeddings", "embedding_token_groups", "expand_prompt", "expand_tokens",
-           "read_embedding"]
+if TYPE_CHECKING:
+    from sdjax.pipeline import Pipeline
+
+__all__ = ["AddedTokens", "EmbeddingError", "added_tokens", "apply_embeddings", "embedding_token_groups",
+           "expand_prompt", "expand_tokens", "read_embedding"]
 
 EmbeddingSource = str | os.PathLike | Mapping[str, Any]
 
@@ -127,8 +130,22 @@ def _with_rows(table: Any, rows: np.ndarray, keep: int) -> Any:
     return jax.device_put(new, getattr(table, "sharding", None))
 
 
-def apply_embeddings(pipe: Any, source: EmbeddingSource, *, token: str | None = None) -> Any:
-    """A new Pipeline with a textual-inversion embedding added as new tokens (see the module docstring).
+@dataclasses.dataclass(frozen=True)
+class AddedTokens:
+    """What an embedding changes, per text encoder: its tokenizer with the new tokens, and its token-embedding
+    table with the new rows (``Pipeline.with_added_tokens`` puts both in place)."""
+
+    tokenizers: dict[str, Any]
+    embedding_tables: dict[str, Any]
+
+
+def apply_embeddings(pipe: Pipeline, source: EmbeddingSource, *, token: str | None = None) -> Pipeline:
+    """A new Pipeline with a textual-inversion embedding added as new tokens (see the module docstring)."""
+    return pipe.with_added_tokens(added_tokens(pipe, source, token=token))
+
+
+def added_tokens(pipe: Pipeline, source: EmbeddingSource, *, token: str | None = None) -> AddedTokens:
+    """The new tokenizers and embedding tables of a textual-inversion embedding for ``pipe`` (left untouched).
 
     ``token`` names the new token (default: the name the file gives, else the file's stem). Raises
     :class:`EmbeddingError` when the embedding's width does not match the text encoder, the token is already in
@@ -153,8 +170,7 @@ def apply_embeddings(pipe: Any, source: EmbeddingSource, *, token: str | None = 
                                  "not SDXL")
         per_encoder = {_PAIR[k]: v for k, v in vectors.items() if _PAIR[k] in pipe.text_encoders}
 
-    text_encoders = dict(pipe.text_encoders)
-    params = dict(pipe.params)
+    tokenizers, tables = {}, {}
     for encoder_name, rows in per_encoder.items():
         encoder = pipe.text_encoders[encoder_name]
         config = encoder.module.config
@@ -170,7 +186,7 @@ def apply_embeddings(pipe: Any, source: EmbeddingSource, *, token: str | None = 
             raise EmbeddingError(f"token {token!r} cannot be added to {encoder_name}'s tokenizer: "
                                  f"{sorted(set(taken))} already in its vocabulary; pass another token=")
         first_id = len(tokenizer)
-        table = params[encoder_name]["embeddings"]["token_embedding"]["embedding"]
+        table = pipe.params[encoder_name]["embeddings"]["token_embedding"]["embedding"]
         if table.shape[0] < first_id:
             raise EmbeddingError(f"{encoder_name} has {table.shape[0]} token embeddings, fewer than its tokenizer's "
                                  f"{first_id} tokens; cannot place new tokens")
@@ -180,16 +196,9 @@ def apply_embeddings(pipe: Any, source: EmbeddingSource, *, token: str | None = 
             raise EmbeddingError(f"{encoder_name}'s tokenizer gave the new tokens ids {ids}, expected consecutive ids "
                                  f"from {first_id}")
         # As diffusers' resize_token_embeddings(len(tokenizer) + n): rows past the tokenizer are unreachable.
-        new_table = _with_rows(table, rows, first_id)
-        new_config = dataclasses.replace(config, vocab_size=int(new_table.shape[0]))
-        text_encoders[encoder_name] = dataclasses.replace(
-            encoder, module=encoder.module.clone(config=new_config), tokenizer=tokenizer)
-        component = dict(params[encoder_name])
-        embeddings = dict(component["embeddings"])
-        embeddings["token_embedding"] = {**embeddings["token_embedding"], "embedding": new_table}
-        component["embeddings"] = embeddings
-        params[encoder_name] = component
-    return pipe.replace(text_encoders=text_encoders, params=params)
+        tables[encoder_name] = _with_rows(table, rows, first_id)
+        tokenizers[encoder_name] = tokenizer
+    return AddedTokens(tokenizers=tokenizers, embedding_tables=tables)
 
 
 # --- prompts -----------------------------------------------------------------------------------------------------
@@ -229,7 +238,7 @@ def expand_tokens(tokenizer: Any, prompt: str) -> str:
     return prompt
 
 
-def expand_prompt(pipe: Any, prompt: str, encoder: str | None = None) -> str:
+def expand_prompt(pipe: Pipeline, prompt: str, encoder: str | None = None) -> str:
     """:func:`expand_tokens` with the tokenizer of ``encoder`` (default: the pipeline's first text encoder; every
     encoder gets the same tokens from :func:`apply_embeddings`, so any of them gives the same result). Call it on
     every prompt (and negative prompt) before tokenizing."""

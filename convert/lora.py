@@ -28,7 +28,7 @@ import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -38,7 +38,10 @@ from sdjax.convert.weights import flatten, torch_key_to_path, unflatten
 ModulePath = tuple[str, ...]
 LoraSource = str | os.PathLike | Mapping[str, Any]
 
-__all__ = ["LoraError", "apply_lora", "lora_deltas"]
+if TYPE_CHECKING:
+    from sdjax.pipeline import Pipeline
+
+__all__ = ["LoraError", "apply_lora", "lora_deltas", "merged_lora_params"]
 
 _COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 _COMPONENT_TITLES = {"unet": "UNet", "text_encoder": "text encoder", "text_encoder_2": "second text encoder"}
@@ -320,13 +323,14 @@ def _to_kernel_layout(delta: np.ndarray, kernel_shape: tuple[int, ...]) -> np.nd
 
 
 def lora_deltas(
-    pipe: Any, source: LoraSource, weight: float = 1.0
+    params: Mapping[str, Any], source: LoraSource, weight: float = 1.0, *, unet_config: Any = None
 ) -> dict[tuple[str, ModulePath], np.ndarray]:
-    """The weight changes one LoRA makes: ``(component, Flax module path) -> delta`` in the kernel's layout
+    """The weight changes one LoRA makes to a model's ``params`` (component -> params tree; ``unet_config``: its
+    UNetConfig, for kohya/LDM block names): ``(component, Flax module path) -> delta`` in the kernel's layout
     (float32), already multiplied by ``weight`` and the LoRA's scale. Raises :class:`LoraError` on any problem."""
     state_dict, metadata, name = _read(source)
     problems = _Problems()
-    unet_params = pipe.params.get("unet", {})
+    unet_params = params.get("unet", {})
     # Top-level UNet module names in PyTorch spelling ("down_blocks_0" -> "down_blocks") for unprefixed keys.
     unet_top = {re.sub(r"_\d+$", "", k) for k in unet_params} if isinstance(unet_params, Mapping) else set()
     modules = _parse(state_dict, problems, unet_top)
@@ -346,7 +350,7 @@ def lora_deltas(
     deltas: dict[tuple[str, ModulePath], np.ndarray] = {}
     for module in modules:
         label = module.keys[0].rsplit(".", 2)[0] if module.kohya else f"{module.component}.{module.name}"
-        if module.component not in pipe.params:
+        if module.component not in params:
             problems.no_component.setdefault(module.component, []).append(label)
             continue
         if module.down is None or module.up is None:
@@ -354,8 +358,8 @@ def lora_deltas(
             problems.other.append(f"{label}: no {missing} weight")
             continue
         if module.component not in targets:
-            config = pipe.unet.config if module.component == "unet" else None
-            targets[module.component] = _Targets(module.component, pipe.params[module.component], config)
+            config = unet_config if module.component == "unet" else None
+            targets[module.component] = _Targets(module.component, params[module.component], config)
         found = targets[module.component].resolve(module)
         if isinstance(found, str):
             problems.no_module.append(f"{module.component}: {found}")
@@ -401,24 +405,32 @@ def _check_loras(loras: Iterable[Any]) -> list[tuple[LoraSource, float]]:
     return checked
 
 
-def apply_lora(pipe: Any, loras: Sequence[tuple[LoraSource, float]]) -> Any:
+def apply_lora(pipe: Pipeline, loras: Sequence[tuple[LoraSource, float]]) -> Pipeline:
     """A new Pipeline with the LoRAs merged into its params: ``W += weight * scale * up @ down`` per LoRA.
 
     ``loras`` is a sequence of ``(source, weight)``: ``source`` a ``.safetensors`` / ``.pt`` file or a state dict
     (key -> array). ``pipe`` and its arrays are left untouched; unchanged leaves are shared with it.
     Raises :class:`LoraError` listing every key or module of a LoRA that does not fit the model.
     """
+    return pipe.replace(params=merged_lora_params(pipe.params, loras, unet_config=pipe.unet.config))
+
+
+def merged_lora_params(
+    params: Mapping[str, Any], loras: Sequence[tuple[LoraSource, float]], *, unet_config: Any = None
+) -> dict[str, Any]:
+    """``params`` (component -> params tree) with the LoRAs merged in, as :func:`apply_lora`; a new dict whose
+    unchanged leaves are shared with ``params``."""
     if isinstance(loras, tuple) and len(loras) == 2 and isinstance(loras[1], int | float):
         raise TypeError("loras must be a sequence of (source, weight) pairs, e.g. [(path, 1.0)]")
     total: dict[tuple[str, ModulePath], np.ndarray] = {}
     for source, weight in _check_loras(loras):
-        for key, delta in lora_deltas(pipe, source, weight).items():
+        for key, delta in lora_deltas(params, source, weight, unet_config=unet_config).items():
             total[key] = total[key] + delta if key in total else delta
-    params = dict(pipe.params)
+    params = dict(params)
     for component in {c for c, _ in total}:
         flat = flatten(params[component])
         for (c, path), delta in total.items():
             if c == component:
                 flat[path + ("kernel",)] = _merged_leaf(flat[path + ("kernel",)], delta)
         params[component] = unflatten(flat)
-    return pipe.replace(params=params)
+    return params

@@ -6,6 +6,7 @@ parameter shapes: every weight is checked, and missing / unexpected / wrongly sh
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,8 +22,14 @@ def _as_config(config: UNetConfig | Mapping[str, Any]) -> UNetConfig:
 
 
 def unet_param_shapes(config: UNetConfig | Mapping[str, Any]) -> Params:
-    """The params tree of ``UNet2DConditionModel(config)`` as ``jax.ShapeDtypeStruct`` leaves (nothing computed)."""
-    config = _as_config(config)
+    """The params tree of ``UNet2DConditionModel(config)`` as ``jax.ShapeDtypeStruct`` leaves (nothing computed).
+
+    Cached per config: treat the returned tree as read-only."""
+    return _unet_param_shapes(_as_config(config))
+
+
+@functools.cache
+def _unet_param_shapes(config: UNetConfig) -> Params:
     args, kwargs = example_inputs(config, time_ids=1)  # the weights only see the total text_time width
     model = UNet2DConditionModel(config)
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *args, **kwargs))

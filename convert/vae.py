@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -22,6 +23,7 @@ def _rename(key: str) -> str:
     return _LEGACY_RE.sub(lambda m: m.group(1) + _LEGACY_ATTENTION[m.group(2)] + ".", key)
 
 
+@functools.cache
 def vae_param_shapes(config: VAEConfig) -> Params:
     """The VAE's params tree as ``jax.ShapeDtypeStruct`` leaves (nothing is computed)."""
     f = config.downsample_factor

@@ -42,10 +42,10 @@ import optax
 import sdjax  # noqa: F401  (applies sdjax's XLA flags before JAX starts)
 from sdjax import checkpoint
 from sdjax.data import shapes
+from sdjax.loaders import DEFAULT_MODEL
 from sdjax.models.clip import CLIPTextConfig, CLIPTextModel
 from sdjax.models.unet import UNet2DConditionModel, UNetConfig
 from sdjax.models.vae import AutoencoderKL, VAEConfig, sample_latent
-from sdjax.pipeline import DEFAULT_MODEL
 from sdjax.samplers.schedules import SchedulerConfig
 from sdjax.text import encode_modules
 from sdjax.tokenizer import SHIPPED_DIR, load_tokenizer, tokenize

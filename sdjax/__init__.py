@@ -6,7 +6,8 @@ _xla_flags.apply()
 
 __version__ = "0.1.0"
 
-__all__ = ["Pipeline", "load", "load_controlnet", "load_t2i_adapter", "load_ip_adapter", "__version__"]
+__all__ = ["Pipeline", "load", "load_controlnet", "load_ip_adapter", "load_t2i_adapter", "merge", "presets",
+           "__version__"]
 
 # Add-on loaders, by the module that holds each (imported on first use as well).
 _ADDONS = {"load_controlnet": "sdjax.control", "load_t2i_adapter": "sdjax.t2i_adapter",
@@ -15,10 +16,22 @@ _ADDONS = {"load_controlnet": "sdjax.control", "load_t2i_adapter": "sdjax.t2i_ad
 
 def __getattr__(name: str):
     # Imported on first use: `import sdjax` stays light (no model code, no transformers) until needed.
-    if name in ("Pipeline", "load"):
-        from sdjax import pipeline
+    if name == "Pipeline":
+        from sdjax.pipeline import Pipeline
 
-        return getattr(pipeline, name)
+        return Pipeline
+    if name == "load":
+        from sdjax.loaders import load
+
+        return load
+    if name == "merge":
+        from sdjax.loaders.merge import merge
+
+        return merge
+    if name == "presets":
+        import sdjax.presets
+
+        return sdjax.presets
     if name in _ADDONS:
         import importlib
 

@@ -172,8 +172,27 @@ def _build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--dtype", choices=DTYPES, help="cast the params when writing (default: as loaded)")
     conv.add_argument("--prediction-type", choices=("epsilon", "v_prediction", "sample"),
                       help="override the scheduler's, e.g. SD 2.x 768-v single files (default: detected)")
+    conv.add_argument("--config", metavar="FOLDER",
+                      help="a diffusers-layout folder whose component configs replace the ones read from the "
+                           "weights / the model's own (unet/config.json, scheduler/scheduler_config.json ...) "
+                           "(default: none)")
     conv.add_argument("--force", action="store_true", help="replace OUT if it exists (default: refuse)")
     conv.set_defaults(run=_convert)
+
+    merge = commands.add_parser("merge", formatter_class=_Formatter,
+                                help="merge two checkpoints of one architecture (A1111's merger): "
+                                     "(1 - alpha) * A + alpha * B, or A + (B - C) * alpha with --subtract")
+    merge.add_argument("a", metavar="A")
+    merge.add_argument("b", metavar="B")
+    merge.add_argument("out", metavar="OUT")
+    merge.add_argument("--alpha", type=float, required=True, help="B's weight (0.3: 70%% A, 30%% B)")
+    merge.add_argument("--subtract", metavar="C", help="add difference: A + (B - C) * alpha")
+    merge.add_argument("--format", choices=("sdjax", "safetensors"), default="sdjax",
+                       help="an sdjax checkpoint folder (default) or one .safetensors file in the original layout")
+    merge.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="cast the params when writing")
+    merge.add_argument("--config", metavar="FOLDER", help="configs for single-file inputs (as convert's --config)")
+    merge.add_argument("--force", action="store_true", help="replace OUT if it exists (default: refuse)")
+    merge.set_defaults(run=_merge)
 
     export = commands.add_parser("export", help="write any loadable model as a diffusers folder (safetensors)",
                                  formatter_class=_Formatter)
@@ -216,10 +235,22 @@ def _convert(args: argparse.Namespace) -> None:
     import sdjax
     from sdjax.checkpoint import save_checkpoint
 
-    pipe = sdjax.load(args.src, prediction_type=args.prediction_type)
+    pipe = sdjax.load(args.src, prediction_type=args.prediction_type, config=args.config)
     _note(f"writing {args.out}")
     save_checkpoint(pipe, args.out, dtype=args.dtype, force=args.force)
     print(f"wrote sdjax checkpoint {args.out}")
+
+
+def _merge(args: argparse.Namespace) -> None:
+    _check_out(args.out, args.force)
+    for path in (args.a, args.b, args.subtract):
+        if path is not None and not Path(path).exists():
+            raise UsageError(f"no model at {path}")
+    from sdjax.loaders.merge import merge, write_merged
+
+    merged = merge(args.a, args.b, alpha=args.alpha, subtract=args.subtract, config=args.config)
+    write_merged(merged, args.out, format=args.format, dtype=args.dtype, force=args.force)
+    print(f"wrote merged {'sdjax checkpoint' if args.format == 'sdjax' else 'single file'} {args.out}")
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -466,13 +497,6 @@ def _check_args(args: argparse.Namespace) -> None:
                          (args.refiner, "--refiner"), *((e, "--embedding") for e in args.embedding),
                          *((_parse_lora(spec)[0], "--lora") for spec in args.lora)):
         _check_exists(path, option)
-    if args.vae is not None:
-        import inspect
-
-        import sdjax
-
-        if "vae" not in inspect.signature(sdjax.load).parameters:
-            raise UsageError("--vae: this sdjax's load() takes no separate VAE yet")
     from sdjax.guidance import cli_options
 
     try:
@@ -490,7 +514,7 @@ def _check_args(args: argparse.Namespace) -> None:
 def _peek_configs(model: str | None) -> dict[str, Any]:
     """UNet / VAE configs and weight bytes of a model folder, read without loading it ({} for single files)."""
     from sdjax.hashes import weight_files
-    from sdjax.pipeline import DEFAULT_MODEL
+    from sdjax.loaders import DEFAULT_MODEL
 
     folder = Path(model) if model else DEFAULT_MODEL
     info: dict[str, Any] = {"params_bytes": sum(p.stat().st_size for p in weight_files(folder))}
@@ -647,7 +671,7 @@ def _load(model: str | None, args: argparse.Namespace, *, vae: str | None = None
     if args.config is not None:
         options["config"] = args.config
     if vae is not None:
-        options["vae"] = vae  # only then: sdjax.load takes vae= from the loader work
+        options["vae"] = vae
     return sdjax.load(model, **options)
 
 
@@ -683,7 +707,7 @@ def _generate(args: argparse.Namespace) -> None:
     from sdjax.hashes import short_hash
     from sdjax.images import save_image, write_new
     from sdjax.parallel import data_mesh
-    from sdjax.pipeline import DEFAULT_MODEL
+    from sdjax.loaders import DEFAULT_MODEL
 
     clock = _CompileClock()
     start = time.perf_counter()

@@ -1,29 +1,21 @@
 """The Pipeline: configs, Flax modules, one params pytree and the tokenizers of a Stable Diffusion model.
 
-``sdjax.load(path)`` builds one from a diffusers folder (or, via ``convert/``, a single-file checkpoint). The
-generation methods (text-to-image, image-to-image, inpainting) all build one ``sdjax.generation.Request``.
+``sdjax.load(path)`` (the package ``sdjax.loaders``) builds one from any checkpoint format; this module imports
+no loader, so everything can import it. The generation methods (text-to-image, image-to-image, inpainting) all
+build one ``sdjax.generation.Request``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any
 
-import jax.numpy as jnp
-import numpy as np
 from transformers import CLIPTokenizer
 
-from sdjax.convert.clip import architectures_have_projection, convert_clip_text, has_projection
-from sdjax.convert.unet import convert_unet
-from sdjax.convert.vae import convert_vae
-from sdjax.loading import pipeline_components, read_component_weights, read_model_index
 from sdjax.models.clip import CLIPTextConfig, CLIPTextModel
-from sdjax.models.config import ConfigError, read_json
-from sdjax.models.unet import UNet2DConditionModel, UNetConfig
-from sdjax.models.vae import AutoencoderKL, VAEConfig
+from sdjax.models.unet import UNet2DConditionModel
+from sdjax.models.vae import AutoencoderKL
 from sdjax.samplers.schedules import SchedulerConfig
-from sdjax.tokenizer import load_tokenizer
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 TOKENIZER_FOR = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
@@ -73,16 +65,51 @@ class Pipeline:
     def with_lora(self, source: Any, weight: float = 1.0) -> Pipeline:
         """A new pipeline with a LoRA merged into its params (kohya/A1111 or diffusers/PEFT layout, a path or a
         state dict); this one is untouched. Chain calls, or use ``sdjax.convert.lora.apply_lora`` for several."""
-        from sdjax.convert.lora import apply_lora
+        from sdjax.convert.lora import merged_lora_params
 
-        return apply_lora(self, [(source, weight)])
+        return self.replace(params=merged_lora_params(self.params, [(source, weight)], unet_config=self.unet.config))
 
     def with_embeddings(self, source: Any, *, token: str | None = None) -> Pipeline:
         """A new pipeline with a textual-inversion embedding added as new token(s) (A1111 .pt/.safetensors,
         diffusers learned_embeds, SDXL clip_l/clip_g pairs); ``token`` defaults to the file's name."""
-        from sdjax.convert.embeddings import apply_embeddings
+        from sdjax.convert.embeddings import added_tokens
 
-        return apply_embeddings(self, source, token=token)
+        return self.with_added_tokens(added_tokens(self, source, token=token))
+
+    def with_added_tokens(self, added: Any) -> Pipeline:
+        """A new pipeline with new tokenizers and token-embedding tables (``sdjax.convert.embeddings.AddedTokens``:
+        encoder name -> tokenizer, and -> embedding table), the text encoders' vocab sizes following the tables."""
+        text_encoders, params = dict(self.text_encoders), dict(self.params)
+        for name, tokenizer in added.tokenizers.items():
+            table = added.embedding_tables[name]
+            encoder = text_encoders[name]
+            config = dataclasses.replace(encoder.config, vocab_size=int(table.shape[0]))
+            text_encoders[name] = dataclasses.replace(encoder, module=encoder.module.clone(config=config),
+                                                      tokenizer=tokenizer)
+            component = dict(params[name])
+            embeddings = dict(component["embeddings"])
+            embeddings["token_embedding"] = {**embeddings["token_embedding"], "embedding": table}
+            params[name] = {**component, "embeddings": embeddings}
+        return self.replace(text_encoders=text_encoders, params=params)
+
+    def with_vae(self, vae: AutoencoderKL, params: Any) -> Pipeline:
+        """A new pipeline with another VAE (``sdjax.load(model, vae=PATH)`` reads one from a file or folder)."""
+        return self.replace(vae=vae, params={**self.params, "vae": params})
+
+    def with_unet(self, unet: UNet2DConditionModel, params: Any) -> Pipeline:
+        """A new pipeline with another UNet (``sdjax.load(model, unet=PATH)`` reads one from a file or folder)."""
+        return self.replace(unet=unet, params={**self.params, "unet": params})
+
+    def with_scheduler(self, **changes: Any) -> Pipeline:
+        """A new pipeline whose scheduler config has ``changes`` (e.g. ``timestep_spacing="trailing"``)."""
+        return self.replace(scheduler=dataclasses.replace(self.scheduler, **changes))
+
+    def with_preset(self, name: str) -> Pipeline:
+        """A new pipeline with the scheduler settings of a few-step preset (see ``sdjax.presets.PRESETS``); the
+        preset's steps / guidance / sampler come from ``sdjax.presets.generation_defaults(name)``."""
+        from sdjax.presets import get_preset
+
+        return self.with_scheduler(**get_preset(name).scheduler_overrides)
 
     # --- generation (the public API): all three tasks build one Request and run it --------------------------
 
@@ -164,170 +191,3 @@ class Pipeline:
 def _arguments(scope: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in scope.items() if k != "self"}
 
-
-def _tokenizer_convention(name: str, config: CLIPTextConfig) -> str:
-    # SD1 and SDXL's first encoder are OpenAI CLIP (quick_gelu, pads with <|endoftext|>); SD2's encoder and
-    # SDXL's second are OpenCLIP (gelu, pads with "!").
-    return "openclip" if name == "text_encoder_2" or config.hidden_act == "gelu" else "clip"
-
-
-def assemble(
-    *,
-    configs: dict[str, dict[str, Any]],
-    params: dict[str, Any],
-    scheduler_config: dict[str, Any],
-    tokenizers: dict[str, CLIPTokenizer],
-    projections: dict[str, bool],
-    dtype: Any = jnp.float32,
-    force_zeros_for_empty_prompt: bool = False,
-    requires_aesthetics_score: bool = False,
-    source: str = "",
-) -> Pipeline:
-    """A Pipeline from component config dicts and params already in sdjax's layout."""
-    for needed in ("unet", "vae"):
-        if needed not in params:
-            raise ConfigError(f"{source}: the model has no {needed}")
-    vae_config = VAEConfig.from_dict(configs["vae"])
-    text_encoders = {
-        name: TextEncoder(CLIPTextModel(CLIPTextConfig.from_dict(configs[name]), with_projection=projections[name],
-                                        dtype=dtype), tokenizers[name])
-        for name in TEXT_ENCODERS if name in params
-    }
-    if not text_encoders:
-        raise ConfigError(f"{source}: the model has no text encoder")
-    return Pipeline(
-        unet=UNet2DConditionModel(UNetConfig.from_dict(configs["unet"]), dtype=dtype),
-        vae=AutoencoderKL(vae_config, dtype=vae_param_dtype(vae_config, dtype)),
-        text_encoders=text_encoders,
-        params=params,
-        scheduler=SchedulerConfig.from_dict(scheduler_config),
-        force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
-        requires_aesthetics_score=requires_aesthetics_score,
-        source=source,
-    )
-
-
-def vae_param_dtype(config: VAEConfig, dtype: Any) -> Any:
-    # A VAE that needs float32 (force_upcast) keeps float32 params whatever the pipeline dtype.
-    return jnp.float32 if config.force_upcast else dtype
-
-
-def build_pipeline(
-    *,
-    configs: dict[str, dict[str, Any]],
-    state_dicts: dict[str, dict[str, np.ndarray]],
-    scheduler_config: dict[str, Any],
-    tokenizer_folders: dict[str, Path | None],
-    tokenizer_conventions: dict[str, str] | None = None,
-    dtype: Any = jnp.float32,
-    source: str = "",
-    **flags: Any,
-) -> Pipeline:
-    """Convert component state dicts (PyTorch naming and layout) into a Pipeline.
-
-    Tokenizers come from ``tokenizer_folders`` when a folder has its own files, else from sdjax's shipped
-    vocabulary with the convention given (or guessed from the encoder: OpenCLIP towers use gelu).
-    """
-    for needed in ("unet", "vae"):
-        if needed not in state_dicts:
-            raise ConfigError(f"{source}: the model has no {needed}")
-    vae_config = VAEConfig.from_dict(configs["vae"])
-    params: dict[str, Any] = {
-        "unet": convert_unet(state_dicts["unet"], UNetConfig.from_dict(configs["unet"]), dtype=dtype),
-        "vae": convert_vae(state_dicts["vae"], vae_config, dtype=vae_param_dtype(vae_config, dtype)),
-    }
-    tokenizers, projections = {}, {}
-    for name in TEXT_ENCODERS:
-        if name not in state_dicts:
-            continue
-        config = CLIPTextConfig.from_dict(configs[name])
-        projections[name] = has_projection(state_dicts[name]) or architectures_have_projection(configs[name])
-        params[name] = convert_clip_text(state_dicts[name], config, with_projection=projections[name], dtype=dtype)
-        convention = (tokenizer_conventions or {}).get(name) or _tokenizer_convention(name, config)
-        tokenizers[name] = load_tokenizer(tokenizer_folders.get(name), convention=convention)
-    return assemble(configs=configs, params=params, scheduler_config=scheduler_config, tokenizers=tokenizers,
-                    projections=projections, dtype=dtype, source=source, **flags)
-
-
-def load_diffusers_folder(folder: Path, *, dtype: Any = jnp.float32, variant: str | None = None) -> Pipeline:
-    index = read_model_index(folder)
-    components = pipeline_components(index)
-    configs: dict[str, dict[str, Any]] = {}
-    state_dicts: dict[str, dict[str, np.ndarray]] = {}
-    for name, kind in components.items():
-        if kind in ("unet", "vae", "clip"):
-            configs[name] = read_json(folder / name / "config.json")
-            state_dicts[name] = read_component_weights(folder / name, variant=variant)
-    if "scheduler" not in components:
-        raise ConfigError(f"{folder}: model_index.json lists no scheduler")
-    tokenizer_folders = {
-        name: folder / TOKENIZER_FOR[name] if TOKENIZER_FOR[name] in components else None
-        for name in TEXT_ENCODERS
-    }
-    return build_pipeline(
-        configs=configs,
-        state_dicts=state_dicts,
-        scheduler_config=read_json(folder / "scheduler" / "scheduler_config.json"),
-        tokenizer_folders=tokenizer_folders,
-        dtype=dtype,
-        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", False)),
-        requires_aesthetics_score=bool(index.get("requires_aesthetics_score", False)),
-        source=str(folder),
-    )
-
-
-DEFAULT_MODEL = Path(__file__).resolve().parent / "assets" / "default_model"
-
-
-def load(
-    path: str | Path | None = None,
-    *,
-    dtype: Any = jnp.float32,
-    variant: str | None = None,
-    prediction_type: str | None = None,
-    config: str | Path | None = None,
-) -> Pipeline:
-    """Load a model: a diffusers folder, a single-file checkpoint (.safetensors / .ckpt), or an sdjax
-    checkpoint folder. With no path, the small default model embedded in sdjax.
-
-    ``dtype``: params and compute dtype (float32, bfloat16, float16); sampler arithmetic stays float32 and a
-    VAE marked ``force_upcast`` keeps float32. ``variant``: e.g. "fp16" to pick ``*.fp16.safetensors``
-    (by default the full-precision files, falling back to fp16 ones). ``prediction_type`` overrides the
-    scheduler's (e.g. "v_prediction" for SD 2.x 768-v single files). ``config``: for single files, a
-    diffusers-layout folder whose component configs replace the shipped ones of the detected family.
-    """
-    folder = DEFAULT_MODEL if path is None else Path(path)
-    if not folder.exists():
-        raise FileNotFoundError(f"no model at {folder}")
-    if folder.is_dir():
-        from sdjax import checkpoint
-
-        if checkpoint.is_sdjax_checkpoint(folder):
-            pipe = checkpoint.load_checkpoint(folder, dtype=dtype)
-        else:
-            pipe = load_diffusers_folder(folder, dtype=dtype, variant=variant)
-    else:
-        return load_single_file_pipeline(folder, dtype=dtype, prediction_type=prediction_type, configs=config)
-    if prediction_type is not None:
-        pipe = pipe.replace(scheduler=dataclasses.replace(pipe.scheduler, prediction_type=prediction_type))
-    return pipe
-
-
-def load_single_file_pipeline(path: Path, *, dtype: Any = jnp.float32, prediction_type: str | None = None,
-                              configs: Any = None) -> Pipeline:
-    """A Pipeline from one .safetensors / .ckpt file in the CompVis / A1111 / ComfyUI layout."""
-    from sdjax.convert.single_file import config_dir, load_single_file
-
-    model = load_single_file(path, prediction_type=prediction_type, configs=configs)
-    index = read_json(config_dir(model.config_name) / "model_index.json")
-    return build_pipeline(
-        configs=model.configs,
-        state_dicts=model.components,
-        scheduler_config=model.scheduler_config,
-        tokenizer_folders={},
-        tokenizer_conventions=model.tokenizers,
-        dtype=dtype,
-        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", False)),
-        requires_aesthetics_score=bool(index.get("requires_aesthetics_score", False)),
-        source=str(path),
-    )

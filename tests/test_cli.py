@@ -75,7 +75,7 @@ def test_batch_files_are_numbered_as_a1111_with_each_seed(batch_run) -> None:
 
 def test_metadata_records_every_setting(batch_run) -> None:
     from sdjax.hashes import weight_files
-    from sdjax.pipeline import DEFAULT_MODEL
+    from sdjax.loaders import DEFAULT_MODEL
 
     out, _, _ = batch_run
     fields = _fields(out / "00001-6.png")

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from sdjax.pipeline import DEFAULT_MODEL
+from sdjax.loaders import DEFAULT_MODEL
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -22,7 +22,7 @@ import pytest
 import sdjax
 from sdjax.classifier import HEADS, classify, load_classifier, predict
 from sdjax.data import shapes
-from sdjax.pipeline import DEFAULT_MODEL
+from sdjax.loaders import DEFAULT_MODEL
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_BYTES = 20 * 1024 * 1024

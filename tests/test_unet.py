@@ -31,6 +31,7 @@ CASES = {
     "sd1_inpaint": (12, 20, 77, False),
     "lcm": (12, 20, 77, True),
     "exotic": (12, 20, 5, False),
+    "distilled": (12, 20, 7, False),
 }
 assert set(CASES) == set(CONFIGS), "every tiny config needs a parity case"
 
@@ -139,7 +140,6 @@ def test_released_configs_convert_key_for_key(name: str) -> None:
     ("down_block_types", ("SimpleCrossAttnDownBlock2D", "DownBlock2D")),
     ("up_block_types", ("UpBlock2D", "AttnUpBlock2D")),
     ("mid_block_type", "UNetMidBlock2DSimpleCrossAttn"),
-    ("mid_block_type", None),
     ("num_attention_heads", 8),
     ("addition_embed_type", "text"),
     ("encoder_hid_dim", 64),

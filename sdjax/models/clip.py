@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from sdjax.config import ConfigError, parse_config
 from sdjax.models.attention import attention
-from sdjax.models.config import ConfigError, parse_config
 
 Dtype = Any
 

@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sdjax.models.config import ConfigError, parse_config
+from sdjax.config import ConfigError, parse_config
 from sdjax.models.hypernetwork import HypernetworkSpec
 from sdjax.models.layers import (
     Downsample2D,
@@ -39,7 +39,6 @@ _REQUIRED_VALUES: dict[str, tuple[Any, ...]] = {
     # diffusers 0.42 itself refuses a non-null num_attention_heads (its historical naming bug): attention_head_dim
     # is read as the number of heads.
     "num_attention_heads": (None,),
-    "mid_block_type": ("UNetMidBlock2DCrossAttn",),
     "act_fn": ("silu", "swish"),
     "dual_cross_attention": (False,),
     "class_embed_type": (None,),
@@ -53,7 +52,6 @@ _REQUIRED_VALUES: dict[str, tuple[Any, ...]] = {
     "timestep_post_act": (None,),
     "cross_attention_norm": (None,),
     "attention_type": ("default",),
-    "reverse_transformer_layers_per_block": (None,),
 }
 
 # Keys that diffusers' CrossAttn/Down/Up/Mid-CrossAttn blocks never read, so any value gives the same model.
@@ -86,7 +84,11 @@ class UNetConfig:
     norm_num_groups: int = 32
     norm_eps: float = 1e-5
     cross_attention_dim: int | tuple[int, ...] = 1280
-    transformer_layers_per_block: int | tuple[int, ...] = 1
+    # Per down block: one depth, or one per layer (SSD-1B / Segmind Vega); the up blocks then need theirs in
+    # reverse_transformer_layers_per_block (per up block, one depth or one per layer), as diffusers.
+    transformer_layers_per_block: int | tuple[int | tuple[int, ...], ...] = 1
+    reverse_transformer_layers_per_block: tuple[int | tuple[int, ...], ...] | None = None
+    mid_block_type: str | None = "UNetMidBlock2DCrossAttn"  # None: no mid block (BK-SDM small / tiny)
     attention_head_dim: int | tuple[int, ...] = 8
     use_linear_projection: bool = False  # Linear vs 1x1-conv proj_in/out: the same math here
     upcast_attention: bool = False  # sdjax always accumulates attention scores in float32
@@ -125,11 +127,24 @@ class UNetConfig:
             if isinstance(value, tuple) and len(value) != n:
                 raise bad(key, f"needs one value or {n} values, one per down block")
             if key == "transformer_layers_per_block" and isinstance(value, tuple) and any(
-                    isinstance(v, tuple) for v in value):
-                raise bad(key, "per-layer lists need reverse_transformer_layers_per_block, which sdjax does not "
-                               "support")
+                    isinstance(v, tuple) for v in value) and self.reverse_transformer_layers_per_block is None:
+                raise bad(key, "per-layer lists need reverse_transformer_layers_per_block for the up blocks")
             if key == "attention_head_dim" and (value is None or None in _per_block(value, n)):
                 raise bad(key, "must be set: it is the number of attention heads")
+        for i, depth in enumerate(self.transformer_layers):
+            if isinstance(depth, tuple) and len(depth) != self.layers[i]:
+                raise bad("transformer_layers_per_block", f"block {i} lists {len(depth)} depths for "
+                                                          f"{self.layers[i]} layers")
+        reverse = self.reverse_transformer_layers_per_block
+        if reverse is not None:
+            if len(reverse) != n:
+                raise bad("reverse_transformer_layers_per_block", f"needs {n} entries, one per up block")
+            for i, depth in enumerate(reverse):
+                if isinstance(depth, tuple) and len(depth) != self.layers[n - 1 - i] + 1:
+                    raise bad("reverse_transformer_layers_per_block",
+                              f"up block {i} lists {len(depth)} depths for {self.layers[n - 1 - i] + 1} layers")
+        if self.mid_block_type not in ("UNetMidBlock2DCrossAttn", None):
+            raise bad("mid_block_type", "sdjax supports 'UNetMidBlock2DCrossAttn' and None")
         if any(_per_block(self.only_cross_attention, n)):
             raise bad("only_cross_attention", "sdjax supports False")
         if not isinstance(self.norm_num_groups, int):
@@ -166,8 +181,23 @@ class UNetConfig:
         return _per_block(self.cross_attention_dim, self.num_blocks)
 
     @property
-    def transformer_layers(self) -> tuple[int, ...]:
+    def transformer_layers(self) -> tuple[int | tuple[int, ...], ...]:
         return _per_block(self.transformer_layers_per_block, self.num_blocks)
+
+    def down_depths(self, block: int) -> tuple[int, ...]:
+        """Transformer depth of each layer of down block ``block``."""
+        return _per_layer(self.transformer_layers[block], self.layers[block])
+
+    def up_depths(self, block: int) -> tuple[int, ...]:
+        """Transformer depth of each layer of up block ``block`` (counted from the lowest resolution)."""
+        count = self.layers[self.num_blocks - 1 - block] + 1
+        if self.reverse_transformer_layers_per_block is not None:
+            return _per_layer(self.reverse_transformer_layers_per_block[block], count)
+        return _per_layer(self.transformer_layers[self.num_blocks - 1 - block], count)
+
+    @property
+    def mid_depth(self) -> int:
+        return _per_layer(self.transformer_layers[-1], 1)[0]  # diffusers' mid block reads the first entry
 
     @property
     def time_embed_dim(self) -> int:
@@ -182,13 +212,17 @@ def _per_block(value: Any, n: int) -> tuple[Any, ...]:
     return tuple(value) if isinstance(value, tuple) else (value,) * n
 
 
+def _per_layer(value: int | tuple[int, ...], n: int) -> tuple[int, ...]:
+    return tuple(value) if isinstance(value, tuple) else (value,) * n
+
+
 class _Block(nn.Module):
     """Fields shared by down, mid and up blocks."""
 
     out_channels: int
     num_layers: int
     heads: int | None  # None: no attention (DownBlock2D / UpBlock2D)
-    transformer_layers: int = 1
+    transformer_layers: tuple[int, ...] = (1,)  # per layer
     groups: int = 32
     eps: float = 1e-5
     dtype: Dtype = jnp.float32
@@ -200,9 +234,10 @@ class _Block(nn.Module):
         return ResnetBlock2D(self.out_channels, groups=self.groups, eps=self.eps, output_scale_factor=scale,
                              dtype=self.dtype, name=name)
 
-    def transformer(self, name: str) -> Transformer2DModel:
+    def transformer(self, name: str, layer: int) -> Transformer2DModel:
         assert self.heads is not None
-        return Transformer2DModel(self.heads, self.out_channels // self.heads, num_layers=self.transformer_layers,
+        return Transformer2DModel(self.heads, self.out_channels // self.heads,
+                                  num_layers=self.transformer_layers[layer],
                                   groups=self.groups, dtype=self.dtype, attention_impl=self.attention_impl,
                                   matmul_dtype=self.matmul_dtype, hypernetworks=self.hypernetworks, name=name)
 
@@ -221,7 +256,7 @@ class DownBlock(_Block):
         for i in range(self.num_layers):
             x = self.resnet(f"resnets_{i}")(x, temb)
             if self.heads is not None:
-                x = self.transformer(f"attentions_{i}")(x, context)
+                x = self.transformer(f"attentions_{i}", i)(x, context)
             if additional_residual is not None and i == self.num_layers - 1:
                 x = x + additional_residual.astype(x.dtype)
             skips.append(x)
@@ -241,7 +276,7 @@ class MidBlock(_Block):
     def __call__(self, x: jax.Array, temb: jax.Array, context: Any) -> jax.Array:
         x = self.resnet("resnets_0", self.output_scale_factor)(x, temb)
         for i in range(self.num_layers):
-            x = self.transformer(f"attentions_{i}")(x, context)
+            x = self.transformer(f"attentions_{i}", i)(x, context)
             x = self.resnet(f"resnets_{i + 1}", self.output_scale_factor)(x, temb)
         return x
 
@@ -258,7 +293,7 @@ class UpBlock(_Block):
             x = jnp.concatenate([x, skips[-1 - i]], axis=-1)
             x = self.resnet(f"resnets_{i}")(x, temb)
             if self.heads is not None:
-                x = self.transformer(f"attentions_{i}")(x, context)
+                x = self.transformer(f"attentions_{i}", i)(x, context)
         if self.add_upsample:
             x = Upsample2D(self.out_channels, dtype=self.dtype, name="upsamplers_0")(x, upsample_size)
         return x
@@ -274,9 +309,11 @@ class BlockOptions:
     hypernetworks: tuple[HypernetworkSpec, ...] = ()
 
 
-def _block_kwargs(cfg: UNetConfig, i: int, attn: bool, channels: int, opts: BlockOptions) -> dict[str, Any]:
+def _block_kwargs(cfg: UNetConfig, i: int, attn: bool, channels: int, opts: BlockOptions,
+                  depths: tuple[int, ...]) -> dict[str, Any]:
+    """``depths``: the transformer depth of each layer of the block."""
     return dict(out_channels=channels, heads=cfg.heads[i] if attn else None,
-                transformer_layers=cfg.transformer_layers[i], groups=cfg.norm_num_groups, eps=cfg.norm_eps,
+                transformer_layers=depths, groups=cfg.norm_num_groups, eps=cfg.norm_eps,
                 dtype=opts.dtype, attention_impl=opts.attention_impl, matmul_dtype=opts.matmul_dtype,
                 hypernetworks=opts.hypernetworks)
 
@@ -319,7 +356,8 @@ def down_path(cfg: UNetConfig, x: jax.Array, emb: jax.Array, context: Any, opts:
         extra = pending.pop(0) if pending and attn else None
         x, res = DownBlock(num_layers=cfg.layers[i], add_downsample=i < last,
                            downsample_padding=cfg.downsample_padding, name=f"down_blocks_{i}",
-                           **_block_kwargs(cfg, i, attn, cfg.block_out_channels[i], opts))(x, emb, context, extra)
+                           **_block_kwargs(cfg, i, attn, cfg.block_out_channels[i], opts, cfg.down_depths(i)))(
+            x, emb, context, extra)
         if pending and not attn:
             x = x + pending.pop(0).astype(x.dtype)
             res[-1] = x
@@ -332,7 +370,8 @@ def mid_path(cfg: UNetConfig, x: jax.Array, emb: jax.Array, context: Any, opts: 
     """``mid_block``: UNetMidBlock2DCrossAttn, or (``attention=False``) a UNetMidBlock2D with no attention."""
     last = cfg.num_blocks - 1
     return MidBlock(num_layers=1 if attention else 0, output_scale_factor=cfg.mid_block_scale_factor,
-                    name="mid_block", **_block_kwargs(cfg, last, True, cfg.block_out_channels[-1], opts))(
+                    name="mid_block",
+                    **_block_kwargs(cfg, last, True, cfg.block_out_channels[-1], opts, (cfg.mid_depth,)))(
         x, emb, context)
 
 
@@ -407,7 +446,8 @@ class UNet2DConditionModel(nn.Module):
             skips = [s + r.astype(s.dtype) for s, r in zip(skips, down_block_additional_residuals, strict=True)]
 
         # 4. mid
-        x = mid_path(cfg, x, emb, context, opts)
+        if cfg.mid_block_type is not None:  # absent in some distilled UNets
+            x = mid_path(cfg, x, emb, context, opts)
         if pending and pending[0].shape == x.shape:  # T2I-Adapter-XL's last feature
             x = x + pending.pop(0).astype(x.dtype)
         if mid_block_additional_residual is not None:
@@ -423,7 +463,8 @@ class UNet2DConditionModel(nn.Module):
             res, skips = skips[-n:], skips[:-n]
             size = tuple(skips[-1].shape[1:3]) if i < last and forward_size else None
             x = UpBlock(num_layers=n, add_upsample=i < last, name=f"up_blocks_{i}",
-                        **_block_kwargs(cfg, j, kind == "CrossAttnUpBlock2D", cfg.block_out_channels[j], opts))(
+                        **_block_kwargs(cfg, j, kind == "CrossAttnUpBlock2D", cfg.block_out_channels[j], opts,
+                                        cfg.up_depths(i)))(
                 x, res, emb, context, size)
 
         # 6. out

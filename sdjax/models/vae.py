@@ -18,8 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sdjax.config import ConfigError, parse_config
 from sdjax.models.attention import attention
-from sdjax.models.config import ConfigError, parse_config
 from sdjax.models.layers import Downsample2D, ResnetBlock2D, Upsample2D, conv3x3, group_norm
 
 Dtype = Any

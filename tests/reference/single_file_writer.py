@@ -100,7 +100,14 @@ _UNET_FIXED_TO_LDM = {
 
 def unet_to_ldm(state: Mapping[str, torch.Tensor], config: Mapping) -> Tensors:
     """UNet2DConditionModel state dict -> LDM ``UNetModel`` keys (no ``model.diffusion_model.`` prefix)."""
-    per = config["layers_per_block"] + 1  # LDM input blocks per level: resnets plus the downsampler slot
+    levels = len(config["down_block_types"])
+    layers = config["layers_per_block"]
+    layers = [layers] * levels if isinstance(layers, int) else list(layers)
+    # LDM numbers input blocks consecutively: per level its resnets, then the downsampler slot (none on the last
+    # level); output blocks run over the levels in reverse with one more resnet each.
+    down_start = [1 + sum(n + 1 for n in layers[:level]) for level in range(levels)]
+    up_counts = [n + 1 for n in reversed(layers)]
+    up_start = [sum(up_counts[:level]) for level in range(levels)]
     up_has_attention = ["CrossAttn" in t for t in config["up_block_types"]]
 
     def resnet(rest: str) -> str:
@@ -110,30 +117,31 @@ def unet_to_ldm(state: Mapping[str, torch.Tensor], config: Mapping) -> Tensors:
     rules: list[tuple[str, Callable[[re.Match], str]]] = [
         (
             r"down_blocks\.(\d+)\.resnets\.(\d+)\.(.*)",
-            lambda m: f"input_blocks.{1 + int(m[1]) * per + int(m[2])}.0.{resnet(m[3])}",
+            lambda m: f"input_blocks.{down_start[int(m[1])] + int(m[2])}.0.{resnet(m[3])}",
         ),
         (
             r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.*)",
-            lambda m: f"input_blocks.{1 + int(m[1]) * per + int(m[2])}.1.{m[3]}",
+            lambda m: f"input_blocks.{down_start[int(m[1])] + int(m[2])}.1.{m[3]}",
         ),
         (
             r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.*)",
-            lambda m: f"input_blocks.{(int(m[1]) + 1) * per}.0.op.{m[2]}",
+            lambda m: f"input_blocks.{down_start[int(m[1])] + layers[int(m[1])]}.0.op.{m[2]}",
         ),
         (r"mid_block\.resnets\.(\d)\.(.*)", lambda m: f"middle_block.{2 * int(m[1])}.{resnet(m[2])}"),
         (r"mid_block\.attentions\.0\.(.*)", lambda m: f"middle_block.1.{m[1]}"),
         (
             r"up_blocks\.(\d+)\.resnets\.(\d+)\.(.*)",
-            lambda m: f"output_blocks.{int(m[1]) * per + int(m[2])}.0.{resnet(m[3])}",
+            lambda m: f"output_blocks.{up_start[int(m[1])] + int(m[2])}.0.{resnet(m[3])}",
         ),
         (
             r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.*)",
-            lambda m: f"output_blocks.{int(m[1]) * per + int(m[2])}.1.{m[3]}",
+            lambda m: f"output_blocks.{up_start[int(m[1])] + int(m[2])}.1.{m[3]}",
         ),
         (
             r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.*)",
             lambda m: (
-                f"output_blocks.{int(m[1]) * per + per - 1}.{2 if up_has_attention[int(m[1])] else 1}.conv.{m[2]}"
+                f"output_blocks.{up_start[int(m[1])] + up_counts[int(m[1])] - 1}."
+                f"{2 if up_has_attention[int(m[1])] else 1}.conv.{m[2]}"
             ),
         ),
     ]

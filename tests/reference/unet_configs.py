@@ -63,9 +63,16 @@ EXOTIC: dict[str, Any] = dict(
     resnet_out_scale_factor=2.0, resnet_skip_time_act=True, mid_block_only_cross_attention=True, dropout=0.1,
 )
 
+# Distilled SDXL (SSD-1B / Segmind Vega style): transformer depth per layer, different in the up blocks (diffusers'
+# reverse_transformer_layers_per_block), and no mid block (BK-SDM small/tiny style).
+DISTILLED: dict[str, Any] = dict(
+    SDXL, transformer_layers_per_block=(1, (1, 2), (2, 0)),
+    reverse_transformer_layers_per_block=((3, 1, 2), (0, 2, 1), 1), mid_block_type=None,
+)
+
 CONFIGS: dict[str, dict[str, Any]] = {
     "sd1": SD1, "sd2": SD2, "sdxl": SDXL, "sdxl_refiner": SDXL_REFINER, "sd1_inpaint": SD1_INPAINT, "lcm": LCM,
-    "exotic": EXOTIC,
+    "exotic": EXOTIC, "distilled": DISTILLED,
 }
 
 
