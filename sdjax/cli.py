@@ -706,8 +706,8 @@ def _generate(args: argparse.Namespace) -> None:
     from sdjax.guidance import cli_options
     from sdjax.hashes import short_hash
     from sdjax.images import save_image, write_new
-    from sdjax.parallel import data_mesh
     from sdjax.loaders import DEFAULT_MODEL
+    from sdjax.parallel import data_mesh
 
     clock = _CompileClock()
     start = time.perf_counter()
