@@ -58,8 +58,10 @@ def test_image_tasks_take_any_method(tiny, task) -> None:
     from PIL import Image
 
     mask = Image.fromarray(np.tile((np.arange(WIDTH) > WIDTH // 2).astype(np.uint8) * 255, (HEIGHT, 1)))
-    call = (lambda **kw: pipe.image_to_image(PROMPTS, images, strength=0.7, **kw)) if task == "image" else \
-        (lambda **kw: pipe.inpaint(PROMPTS, images, mask, strength=0.9, **kw))
+    negative = ["blurry", "dark"]  # Perp-Neg equals CFG when the negative is the empty prompt
+    call = (lambda **kw: pipe.image_to_image(PROMPTS, images, strength=0.7, negative_prompt=negative, **kw)) \
+        if task == "image" else (lambda **kw: pipe.inpaint(PROMPTS, images, mask, strength=0.9,
+                                                           negative_prompt=negative, **kw))
     base = call(sampler="ddim", num_steps=STEPS, guidance_scale=5.0, seed=3)
     for method in (g.CFGPlusPlus(0.5), g.PerpNeg(5.0), g.ClassifierGuidance(
             lambda x, t: -(x**2).sum(axis=(1, 2, 3)), 50.0, inner=g.CFG(5.0))):
