@@ -23,6 +23,7 @@ from sdjax.models.layers import (
     ResnetBlock2D,
     TimestepEmbedding,
     Upsample2D,
+    conv,
     group_norm,
     timestep_embedding,
 )
@@ -193,10 +194,11 @@ class _Block(nn.Module):
     dtype: Dtype = jnp.float32
     attention_impl: str | None = None
     matmul_dtype: Dtype | None = None
+    padding_mode: str = "zeros"
 
     def resnet(self, name: str, scale: float = 1.0) -> ResnetBlock2D:
         return ResnetBlock2D(self.out_channels, groups=self.groups, eps=self.eps, output_scale_factor=scale,
-                             dtype=self.dtype, name=name)
+                             dtype=self.dtype, padding_mode=self.padding_mode, name=name)
 
     def transformer(self, name: str) -> Transformer2DModel:
         assert self.heads is not None
@@ -221,7 +223,7 @@ class DownBlock(_Block):
             skips.append(x)
         if self.add_downsample:
             x = Downsample2D(self.out_channels, padding=self.downsample_padding, dtype=self.dtype,
-                             name="downsamplers_0")(x)
+                             padding_mode=self.padding_mode, name="downsamplers_0")(x)
             skips.append(x)
         return x, skips
 
@@ -254,7 +256,8 @@ class UpBlock(_Block):
             if self.heads is not None:
                 x = self.transformer(f"attentions_{i}")(x, context)
         if self.add_upsample:
-            x = Upsample2D(self.out_channels, dtype=self.dtype, name="upsamplers_0")(x, upsample_size)
+            x = Upsample2D(self.out_channels, dtype=self.dtype, padding_mode=self.padding_mode,
+                           name="upsamplers_0")(x, upsample_size)
         return x
 
 
@@ -265,12 +268,14 @@ class UNet2DConditionModel(nn.Module):
     :func:`sdjax.models.attention.attention` everywhere (None: chosen per call by sequence length).
     ``matmul_dtype`` (opt-in, e.g. ``jnp.bfloat16``): the transformer blocks' matmuls and attention take inputs in
     that dtype and accumulate in float32 (faster on CPU; bf16-level accuracy, not fp32 parity).
+    ``padding_mode="circular"``: every padded conv wraps around (seamless textures, A1111's "Tiling").
     """
 
     config: UNetConfig
     dtype: Dtype = jnp.float32
     attention_impl: str | None = None
     matmul_dtype: Dtype | None = None
+    padding_mode: str = "zeros"
 
     @nn.compact
     def __call__(
@@ -308,14 +313,13 @@ class UNet2DConditionModel(nn.Module):
         # 2. in
         if cfg.center_input_sample:
             sample = 2 * sample - 1.0
-        k_in = cfg.conv_in_kernel
-        x = nn.Conv(c0, (k_in, k_in), padding=((k_in // 2, k_in // 2),) * 2, dtype=self.dtype,
-                    name="conv_in")(sample)
+        x = conv(c0, cfg.conv_in_kernel, self.dtype, "conv_in", padding_mode=self.padding_mode)(sample)
 
         def block_kwargs(i: int, attn: bool, channels: int) -> dict[str, Any]:
             return dict(out_channels=channels, heads=cfg.heads[i] if attn else None,
                         transformer_layers=cfg.transformer_layers[i], groups=groups, eps=eps, dtype=self.dtype,
-                        attention_impl=self.attention_impl, matmul_dtype=self.matmul_dtype)
+                        attention_impl=self.attention_impl, matmul_dtype=self.matmul_dtype,
+                        padding_mode=self.padding_mode)
 
         # 3. down
         skips = [x]
@@ -345,9 +349,7 @@ class UNet2DConditionModel(nn.Module):
 
         # 6. out
         x = nn.silu(group_norm(groups, eps, self.dtype, "conv_norm_out")(x))
-        k_out = cfg.conv_out_kernel
-        return nn.Conv(cfg.out_channels, (k_out, k_out), padding=((k_out // 2, k_out // 2),) * 2, dtype=self.dtype,
-                       name="conv_out")(x)
+        return conv(cfg.out_channels, cfg.conv_out_kernel, self.dtype, "conv_out", padding_mode=self.padding_mode)(x)
 
     def _check_inputs(self, sample, timesteps, context, text_embeds, time_ids, timestep_cond) -> jax.Array:
         """Shape checks with one clear message each (shapes are static, so this costs nothing under jit)."""
