@@ -138,6 +138,20 @@ class Pipeline:
             raise TypeError(f"{', '.join(wrong)}: SDXL-only options, but this is not an SDXL model")
         return run(self, task=task, **options, **extra)
 
+    # --- any size -------------------------------------------------------------------------------------------
+
+    @property
+    def tiling(self) -> bool:
+        """Whether the UNet and VAE pad circularly (see :meth:`with_tiling`)."""
+        return self.unet.padding_mode == "circular"
+
+    def with_tiling(self, enabled: bool = True) -> Pipeline:
+        """A new pipeline whose UNet and VAE convolutions pad circularly (A1111's "Tiling", which sets
+        ``padding_mode="circular"`` on every Conv2d): its images tile seamlessly, for textures. The params are
+        shared; ``with_tiling(False)`` gives back zero padding. Compiles once per setting."""
+        mode = "circular" if enabled else "zeros"
+        return self.replace(unet=self.unet.clone(padding_mode=mode), vae=self.vae.clone(padding_mode=mode))
+
 
 _SDXL_ONLY = frozenset({
     "prompt_2", "negative_prompt_2", "original_size", "crops_coords_top_left", "target_size",
