@@ -8,7 +8,13 @@ to its stride. Edge tiles are cut short by the image border, as in diffusers.
 
 Only one tile's activations exist at a time (a Python loop over a jitted per-tile function: one compile per
 tile shape, at most four shapes per image size), plus the blended output, so a 2048x2048 decode needs memory
-for one tile, not for the whole image (``benchmarks/tiled_vae_memory.py`` measures it).
+for one tile, not for the whole image (``benchmarks/tiled_vae_memory.py`` measures it: 763 MiB peak RSS vs
+2,325 MiB untiled for the default model). A ``lax.map`` over stacked tiles bounds memory as well (XLA plans
+28 MiB of temporaries for 4 or 16 tiles of 32 latents alike) but needs tiles of one shape, and diffusers cuts
+the edge tiles short; the loop also lets each tile blend into the already blended ones, as diffusers does.
+
+:func:`decode_latents` / :func:`encode_pixels` are the pipeline's view: diffusion-model latents <-> [0, 1]
+pixels, tiled when :func:`should_tile` says so.
 Tiles see only their own part of the image (group norm statistics and the mid-block attention are per tile), so
 the result is close to, not equal to, an untiled decode.
 """
@@ -22,7 +28,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from sdjax.models.vae import AutoencoderKL, VAEConfig, posterior
+from sdjax.models.vae import AutoencoderKL, VAEConfig, posterior, sample_latent, scale_latents, unscale_latents
 
 # Images with more pixels than this side squared decode tiled when the caller asks should_tile (SDXL's
 # 1024x1024 and its aspect buckets stay untiled, as diffusers decodes them; 2048x2048 tiles).
@@ -145,3 +151,42 @@ def encode_tiled(vae: AutoencoderKL, params: Any, images: jax.Array, *, tile: in
     """``vae.encode`` in overlapping tiles: images in [-1, 1] -> the posterior's ``(mean, logvar)``, blended
     before logvar is clipped (as diffusers does). Arguments as :func:`decode_tiled`."""
     return posterior(encode_tiled_moments(vae, params, images, tile=tile, overlap=overlap))
+
+
+@functools.lru_cache(maxsize=8)
+def _whole_decoder(vae: AutoencoderKL) -> Callable[[Any, jax.Array], jax.Array]:
+    return jax.jit(lambda params, z: vae.apply({"params": params}, z, method=AutoencoderKL.decode))
+
+
+@functools.lru_cache(maxsize=8)
+def _whole_encoder(vae: AutoencoderKL) -> Callable[[Any, jax.Array], jax.Array]:
+    return jax.jit(lambda params, x: vae.apply({"params": params}, x, method=AutoencoderKL.encode_moments))
+
+
+def decode_latents(vae: AutoencoderKL, params: Any, latents: jax.Array, *,
+                   threshold: int | None = DEFAULT_TILE_THRESHOLD, tile: int | None = None,
+                   overlap: float = DEFAULT_OVERLAP) -> jax.Array:
+    """Diffusion-model latents ``(B, h, w, C)`` (scaled, as the sampler leaves them) -> images ``(B, H, W, 3)``
+    float32 in [0, 1]: unscaled, decoded (in tiles when ``should_tile(H, W, threshold)``), clipped."""
+    z = unscale_latents(jnp.asarray(latents, jnp.float32), vae.config).astype(vae.dtype)
+    f = vae.config.downsample_factor
+    if should_tile(z.shape[1] * f, z.shape[2] * f, threshold):
+        pixels = decode_tiled(vae, params, z, tile=tile, overlap=overlap)
+    else:
+        pixels = _whole_decoder(vae)(params, z)
+    return jnp.clip(pixels.astype(jnp.float32) / 2.0 + 0.5, 0.0, 1.0)
+
+
+def encode_pixels(vae: AutoencoderKL, params: Any, pixels: jax.Array, *, key: jax.Array | None = None,
+                  threshold: int | None = DEFAULT_TILE_THRESHOLD, tile: int | None = None,
+                  overlap: float = DEFAULT_OVERLAP) -> jax.Array:
+    """Images ``(B, H, W, 3)`` in [0, 1] -> diffusion-model latents (scaled): the posterior's mean, or a sample
+    from it with ``key``; encoded in tiles when ``should_tile(H, W, threshold)``."""
+    x = jnp.asarray(pixels, jnp.float32) * 2.0 - 1.0
+    if should_tile(x.shape[1], x.shape[2], threshold):
+        moments = encode_tiled_moments(vae, params, x, tile=tile, overlap=overlap)
+    else:
+        moments = _whole_encoder(vae)(params, x.astype(vae.dtype))
+    mean, logvar = posterior(moments)
+    z = mean if key is None else sample_latent(mean, logvar, key)
+    return scale_latents(z, vae.config)

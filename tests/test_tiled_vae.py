@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from sdjax.convert.vae import convert_vae
-from sdjax.models.vae import AutoencoderKL, VAEConfig
-from sdjax.tiled_vae import decode_tiled, default_tile, encode_tiled, should_tile
+from sdjax.models.vae import AutoencoderKL, VAEConfig, scale_latents, unscale_latents
+from sdjax.tiled_vae import decode_latents, decode_tiled, default_tile, encode_pixels, encode_tiled, should_tile
 from tests.reference.vae_configs import SD_VAE, build_reference_vae
 
 TILE = 8  # latents: a 21x30 latent image needs 4x5 tiles of four different shapes (edge tiles are cut short)
@@ -65,6 +65,16 @@ def test_tiled_decode_is_close_to_untiled_on_the_trained_default_vae(fast_compil
     # Per-tile group norm and attention make the tiles differ from one pass (diffusers' tiling too; measured
     # max 0.62 at shape edges), but on average the blended tiles give the untiled image.
     assert float(np.abs(tiled - untiled).mean()) < 1e-2
+
+    # The pipeline's view: scaled latents <-> [0, 1] pixels, tiled or not by the threshold.
+    scaled = scale_latents(latents, vae.config)
+    np.testing.assert_allclose(decode_latents(vae, params, scaled), untiled, atol=1e-5)
+    np.testing.assert_allclose(decode_latents(vae, params, scaled, threshold=0, tile=16), tiled, atol=1e-5)
+    np.testing.assert_allclose(unscale_latents(encode_pixels(vae, params, mosaic), vae.config), latents, atol=1e-5)
+    mean, _ = encode_tiled(vae, params, mosaic * 2 - 1, tile=16)
+    by_tiles = encode_pixels(vae, params, mosaic, threshold=0, tile=16)
+    np.testing.assert_allclose(unscale_latents(by_tiles, vae.config), mean, atol=1e-5)
+    assert float(np.abs(np.asarray(mean) - np.asarray(latents)).max()) > 1e-2  # the tiled encode was tiled
 
 
 def test_should_tile_and_defaults() -> None:
