@@ -27,6 +27,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sdjax.models.vae import AutoencoderKL, VAEConfig, posterior, sample_latent, scale_latents, unscale_latents
 
@@ -64,43 +65,44 @@ def _blend_extent(tile: int, overlap: float, what: str) -> int:
     return round(blend)
 
 
-def _blend_rows(above: jax.Array, tile: jax.Array, extent: int) -> jax.Array:
+def _blend_rows(above: np.ndarray, tile: np.ndarray, extent: int) -> np.ndarray:
     """diffusers' ``blend_v`` (NHWC): the first rows of ``tile`` fade in from the last rows of ``above``."""
     extent = min(above.shape[1], tile.shape[1], extent)
-    if extent == 0:
-        return tile
-    w = (jnp.arange(extent, dtype=jnp.float32) / extent)[None, :, None, None]
-    head = above[:, -extent:] * (1 - w) + tile[:, :extent] * w
-    return tile.at[:, :extent].set(head)
+    if extent:
+        w = (np.arange(extent, dtype=np.float32) / extent)[None, :, None, None]
+        tile[:, :extent] = above[:, -extent:] * (1 - w) + tile[:, :extent] * w
+    return tile
 
 
-def _blend_columns(left: jax.Array, tile: jax.Array, extent: int) -> jax.Array:
+def _blend_columns(left: np.ndarray, tile: np.ndarray, extent: int) -> np.ndarray:
     """diffusers' ``blend_h`` (NHWC): the first columns of ``tile`` fade in from the last columns of ``left``."""
     extent = min(left.shape[2], tile.shape[2], extent)
-    if extent == 0:
-        return tile
-    w = (jnp.arange(extent, dtype=jnp.float32) / extent)[None, None, :, None]
-    head = left[:, :, -extent:] * (1 - w) + tile[:, :, :extent] * w
-    return tile.at[:, :, :extent].set(head)
+    if extent:
+        w = (np.arange(extent, dtype=np.float32) / extent)[None, None, :, None]
+        tile[:, :, :extent] = left[:, :, -extent:] * (1 - w) + tile[:, :, :extent] * w
+    return tile
 
 
-def _tiled(run: Callable[[jax.Array], jax.Array], x: jax.Array, in_tile: int, in_stride: int, out_blend: int,
-           out_limit: int) -> jax.Array:
-    """Run ``run`` on overlapping ``in_tile`` tiles of NHWC ``x`` and blend the results as diffusers does."""
-    rows: list[jax.Array] = []
-    previous: list[jax.Array] = []
+def _tiled(run: Callable[[np.ndarray], jax.Array], x: np.ndarray, in_tile: int, in_stride: int, out_blend: int,
+           out_limit: int) -> np.ndarray:
+    """Run ``run`` on overlapping ``in_tile`` tiles of NHWC ``x`` and blend the results as diffusers does.
+
+    Slicing and blending happen in NumPy on the host: eager JAX would compile a small program for every
+    distinct slice offset and blend width."""
+    rows: list[np.ndarray] = []
+    previous: list[np.ndarray] = []
     for i in range(0, x.shape[1], in_stride):
-        row: list[jax.Array] = []
+        row: list[np.ndarray] = []
         for j in range(0, x.shape[2], in_stride):
-            out = run(x[:, i:i + in_tile, j:j + in_tile])
+            out = np.array(run(x[:, i:i + in_tile, j:j + in_tile]), np.float32)  # a writable host copy
             if previous:
                 out = _blend_rows(previous[len(row)], out, out_blend)
             if row:
                 out = _blend_columns(row[-1], out, out_blend)
             row.append(out)
-        rows.append(jnp.concatenate([t[:, :out_limit, :out_limit] for t in row], axis=2))
+        rows.append(np.concatenate([t[:, :out_limit, :out_limit] for t in row], axis=2))
         previous = row
-    return jnp.concatenate(rows, axis=1)
+    return np.concatenate(rows, axis=1)
 
 
 @functools.lru_cache(maxsize=8)
@@ -114,15 +116,15 @@ def _tile_encoder(vae: AutoencoderKL) -> Callable[[Any, jax.Array], jax.Array]:
 
 
 def decode_tiled(vae: AutoencoderKL, params: Any, latents: jax.Array, *, tile: int | None = None,
-                 overlap: float = DEFAULT_OVERLAP) -> jax.Array:
+                 overlap: float = DEFAULT_OVERLAP) -> np.ndarray:
     """``vae.decode`` in overlapping tiles: unscaled latents ``(B, h, w, C)`` -> images ``(B, h*f, w*f, out)``
-    (float32, [-1, 1] like ``decode``). ``tile``: tile size in latents (default diffusers' from the config's
-    ``sample_size``); ``overlap``: the fraction of a tile shared with each neighbour (``tile * overlap`` must be
-    whole). ``params``: the VAE's params."""
+    (a float32 NumPy array, [-1, 1] like ``decode``). ``tile``: tile size in latents (default diffusers', from
+    the config's ``sample_size``); ``overlap``: the fraction of a tile shared with each neighbour (``tile *
+    overlap`` must be whole). ``params``: the VAE's params."""
     f = vae.config.downsample_factor
     tile = default_tile(vae.config) if tile is None else tile
     blend = _blend_extent(tile, overlap, "decode_tiled")
-    latents = jnp.asarray(latents)
+    latents = np.asarray(latents)
     if latents.ndim != 4 or latents.shape[-1] != vae.config.latent_channels:
         raise ValueError(f"decode_tiled: latents must be NHWC (batch, h, w, {vae.config.latent_channels}); got "
                          f"shape {tuple(latents.shape)}")
@@ -131,14 +133,14 @@ def decode_tiled(vae: AutoencoderKL, params: Any, latents: jax.Array, *, tile: i
 
 
 def encode_tiled_moments(vae: AutoencoderKL, params: Any, images: jax.Array, *, tile: int | None = None,
-                         overlap: float = DEFAULT_OVERLAP) -> jax.Array:
+                         overlap: float = DEFAULT_OVERLAP) -> np.ndarray:
     """``vae.encode_moments`` in overlapping tiles (diffusers' ``_tiled_encode``): images ``(B, H, W, in)`` in
     [-1, 1] -> raw moments ``(B, H/f, W/f, 2 * latent_channels)``. ``tile`` is in latents (``tile * f`` pixels)."""
     cfg = vae.config
     f = cfg.downsample_factor
     tile = default_tile(cfg) if tile is None else tile
     blend = _blend_extent(tile, overlap, "encode_tiled")
-    images = jnp.asarray(images)
+    images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] != cfg.in_channels or images.shape[1] % f or images.shape[2] % f:
         raise ValueError(f"encode_tiled: images must be NHWC (batch, H, W, {cfg.in_channels}) with H and W multiples "
                          f"of {f}; got shape {tuple(images.shape)}")
@@ -150,7 +152,7 @@ def encode_tiled(vae: AutoencoderKL, params: Any, images: jax.Array, *, tile: in
                  overlap: float = DEFAULT_OVERLAP) -> tuple[jax.Array, jax.Array]:
     """``vae.encode`` in overlapping tiles: images in [-1, 1] -> the posterior's ``(mean, logvar)``, blended
     before logvar is clipped (as diffusers does). Arguments as :func:`decode_tiled`."""
-    return posterior(encode_tiled_moments(vae, params, images, tile=tile, overlap=overlap))
+    return posterior(jnp.asarray(encode_tiled_moments(vae, params, images, tile=tile, overlap=overlap)))
 
 
 @functools.lru_cache(maxsize=8)
@@ -171,7 +173,7 @@ def decode_latents(vae: AutoencoderKL, params: Any, latents: jax.Array, *,
     z = unscale_latents(jnp.asarray(latents, jnp.float32), vae.config).astype(vae.dtype)
     f = vae.config.downsample_factor
     if should_tile(z.shape[1] * f, z.shape[2] * f, threshold):
-        pixels = decode_tiled(vae, params, z, tile=tile, overlap=overlap)
+        pixels = jnp.asarray(decode_tiled(vae, params, z, tile=tile, overlap=overlap))
     else:
         pixels = _whole_decoder(vae)(params, z)
     return jnp.clip(pixels.astype(jnp.float32) / 2.0 + 0.5, 0.0, 1.0)
@@ -184,7 +186,7 @@ def encode_pixels(vae: AutoencoderKL, params: Any, pixels: jax.Array, *, key: ja
     from it with ``key``; encoded in tiles when ``should_tile(H, W, threshold)``."""
     x = jnp.asarray(pixels, jnp.float32) * 2.0 - 1.0
     if should_tile(x.shape[1], x.shape[2], threshold):
-        moments = encode_tiled_moments(vae, params, x, tile=tile, overlap=overlap)
+        moments = jnp.asarray(encode_tiled_moments(vae, params, x, tile=tile, overlap=overlap))
     else:
         moments = _whole_encoder(vae)(params, x.astype(vae.dtype))
     mean, logvar = posterior(moments)
