@@ -128,19 +128,29 @@ def available_bytes(device: Any = None) -> tuple[int | None, str]:
         stats = device.memory_stats() if hasattr(device, "memory_stats") else None
         if stats and "bytes_limit" in stats:
             return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0)), f"{device.device_kind}"
-    return _host_available(), "host memory (MemAvailable)"
+    return _host_available(), "the host (MemAvailable)"
 
 
 def _host_available() -> int | None:
+    free = None
     meminfo = Path("/proc/meminfo")
     if meminfo.exists():
         for line in meminfo.read_text().splitlines():
             if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
+                free = int(line.split()[1]) * 1024
+    if free is None:
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    # In a container, the cgroup (v2) limit can be far below what the host has free.
+    limit, used = Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory.current")
     try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
+        if limit.exists() and used.exists() and limit.read_text().strip() != "max":
+            free = min(free, int(limit.read_text()) - int(used.read_text()))
+    except (OSError, ValueError):
+        pass
+    return free
 
 
 def check_fits(pipe: Any, batch: int, height: int, width: int, *, available: int | None = None,
