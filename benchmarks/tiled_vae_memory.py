@@ -1,7 +1,7 @@
 """Peak host memory of one VAE decode, tiled vs untiled, on the CPU: the embedded default model's VAE (4 levels,
 16-64 channels, 8x downsampling), random latents.
 
-    python benchmarks/tiled_vae_memory.py [--size 2048] [--tile 64] [--batch 1]
+    python benchmarks/tiled_vae_memory.py [--size 2048] [--tile 64] [--batch 1] [--modes tiled untiled]
 
 Each mode runs in a fresh subprocess; ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` is read after loading the
 model and compiling a small decode (the baseline) and again after the big decode (the peak). Prints one line
@@ -58,12 +58,13 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=2048)
     parser.add_argument("--tile", type=int, default=64, help="latents per tile (512 pixels, SD 1.x's default)")
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--modes", nargs="+", choices=["tiled", "untiled"], default=["tiled", "untiled"])
     parser.add_argument("--child", choices=["tiled", "untiled"])
     args = parser.parse_args()
     if args.child:
         child(args.child, args.size, args.tile, args.batch)
         return
-    for mode in ("tiled", "untiled"):
+    for mode in args.modes:
         result = subprocess.run([sys.executable, __file__, "--child", mode, "--size", str(args.size), "--tile",
                                  str(args.tile), "--batch", str(args.batch)], capture_output=True, text=True)
         lines = [line for line in result.stdout.splitlines() if line.startswith("{")]

@@ -8,8 +8,8 @@ to its stride. Edge tiles are cut short by the image border, as in diffusers.
 
 Only one tile's activations exist at a time (a Python loop over a jitted per-tile function: one compile per
 tile shape, at most four shapes per image size), plus the blended output, so a 2048x2048 decode needs memory
-for one tile, not for the whole image (``benchmarks/tiled_vae_memory.py`` measures it: 763 MiB peak RSS vs
-2,325 MiB untiled for the default model). A ``lax.map`` over stacked tiles bounds memory as well (XLA plans
+for one tile, not for the whole image (``benchmarks/tiled_vae_memory.py`` measures it: 687 MiB peak RSS vs
+2,326 MiB untiled for the default model). A ``lax.map`` over stacked tiles bounds memory as well (XLA plans
 28 MiB of temporaries for 4 or 16 tiles of 32 latents alike) but needs tiles of one shape, and diffusers cuts
 the edge tiles short; the loop also lets each tile blend into the already blended ones, as diffusers does.
 
