@@ -173,6 +173,20 @@ class Pipeline:
         request = Request.build(task, options.pop("prompt"), **options, **extra)
         return run(self, request, **execution)
 
+    # --- any size -------------------------------------------------------------------------------------------
+
+    @property
+    def tiling(self) -> bool:
+        """Whether the UNet and VAE pad circularly (see :meth:`with_tiling`)."""
+        return self.unet.padding_mode == "circular"
+
+    def with_tiling(self, enabled: bool = True) -> Pipeline:
+        """A new pipeline whose UNet and VAE convolutions pad circularly (A1111's "Tiling", which sets
+        ``padding_mode="circular"`` on every Conv2d): its images tile seamlessly, for textures. The params are
+        shared; ``with_tiling(False)`` gives back zero padding. Compiles once per setting."""
+        mode = "circular" if enabled else "zeros"
+        return self.replace(unet=self.unet.clone(padding_mode=mode), vae=self.vae.clone(padding_mode=mode))
+
     def encode_prompt(self, prompt: Any, negative_prompt: Any = None, clip_skip: int | None = None,
                       **options: Any) -> Any:
         """Prompt embeddings in diffusers' layout (``sdjax.text.encode_prompt``: ``prompt_2``, ``negative_prompt_2``,

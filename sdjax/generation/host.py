@@ -20,6 +20,7 @@ from sdjax.generation.core import COND, EMPTY, INPAINT, LATENT_IMAGE, TEXT, UNCO
 from sdjax.generation.request import Request
 from sdjax.guidance import Conditional, Method, as_arrays
 from sdjax.samplers import get_sampler
+from sdjax.tiled_vae import decode_latents, should_tile
 
 TASK_OF_REQUEST = {"text": TEXT, "image": core.IMAGE, "inpaint": INPAINT}
 
@@ -117,6 +118,7 @@ def prepare(pipe: Any, request: Request, *, image_index_offset: int = 0) -> Prep
     width = width or pipe.default_size
     check_size(pipe, height, width)
     latent_size = (height // f, width // f)
+    _check_memory(pipe, batch, height, width)
 
     method = r.guidance
     lcm_scale = None
@@ -200,6 +202,16 @@ def _pad_to_embeds(pipe: Any, ids: dict[str, Any], length: int) -> dict[str, Any
                    for enc, t in per_pass.items()} for name, per_pass in ids.items()}
 
 
+def _check_memory(pipe: Any, batch: int, height: int, width: int) -> None:
+    """Refuse a request whose activations cannot fit, before anything is traced or allocated."""
+    from sdjax.activation_memory import check_fits
+    from sdjax.tiled_vae import default_tile, should_tile
+
+    per_device = -(-batch // max(jax.device_count(), 1))
+    tile = default_tile(pipe.vae.config) if should_tile(height, width) else None
+    check_fits(pipe, per_device, height, width, vae_tile=tile)
+
+
 def _time_ids(pipe: Any, r: Request, height: int, width: int, batch: int) -> dict[str, np.ndarray]:
     o = r.sdxl
     size = (height, width)
@@ -261,7 +273,11 @@ def decode(pipe: Any, latents: jax.Array, output: str) -> Any:
     if output == "latent":
         return np.moveaxis(np.asarray(latents), -1, -3)
     flat = latents.reshape((-1,) + latents.shape[-3:])
-    pixels = np.asarray(core._decoder(pipe.vae)(pipe.params["vae"], flat))
+    f = pipe.vae_scale_factor
+    if should_tile(flat.shape[1] * f, flat.shape[2] * f):  # large images: overlapping tiles, bounded memory
+        pixels = np.asarray(decode_latents(pipe.vae, pipe.params["vae"], flat))
+    else:
+        pixels = np.asarray(core._decoder(pipe.vae)(pipe.params["vae"], flat))
     pixels = pixels.reshape(lead + pixels.shape[1:])
     if output == "pil":
         return images.to_pil(pixels) if len(lead) == 1 else [images.to_pil(p) for p in pixels]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -16,9 +17,33 @@ def group_norm(groups: int, eps: float, dtype: Dtype, name: str | None = None) -
     return nn.GroupNorm(num_groups=groups, epsilon=eps, dtype=dtype, use_fast_variance=False, name=name)
 
 
-def conv3x3(features: int, dtype: Dtype, name: str | None = None, stride: int = 1, padding: int = 1) -> nn.Conv:
-    return nn.Conv(features, (3, 3), strides=(stride, stride), padding=((padding, padding),) * 2,
-                   dtype=dtype, name=name)
+PADDING_MODES = ("zeros", "circular")
+
+
+def conv(features: int, kernel: int, dtype: Dtype, name: str | None = None, *, stride: int = 1,
+         padding: int | None = None, padding_mode: str = "zeros") -> nn.Conv:
+    """A square conv as ``torch.nn.Conv2d(k, stride, padding=k // 2, padding_mode=...)`` builds it.
+
+    ``padding_mode="circular"`` wraps the borders around (A1111's "Tiling": it sets this on every Conv2d), so
+    the output tiles seamlessly; a conv without padding is the same either way, as in torch.
+    """
+    if padding_mode not in PADDING_MODES:
+        raise ValueError(f"padding_mode={padding_mode!r}; choose one of {PADDING_MODES}")
+    padding = kernel // 2 if padding is None else padding
+    if padding_mode == "circular" and padding:
+        # Flax's CIRCULAR pads ((k-1)//2, k//2): torch's symmetric k//2 for the odd kernels used here.
+        if padding != kernel // 2 or kernel % 2 == 0:
+            raise ValueError(f"circular padding supports odd kernels padded by kernel // 2; got kernel {kernel}, "
+                             f"padding {padding}")
+        pad: Any = "CIRCULAR"
+    else:
+        pad = ((padding, padding),) * 2
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=pad, dtype=dtype, name=name)
+
+
+def conv3x3(features: int, dtype: Dtype, name: str | None = None, stride: int = 1, padding: int = 1,
+            padding_mode: str = "zeros") -> nn.Conv:
+    return conv(features, 3, dtype, name, stride=stride, padding=padding, padding_mode=padding_mode)
 
 
 class ResnetBlock2D(nn.Module):
@@ -31,15 +56,16 @@ class ResnetBlock2D(nn.Module):
     output_scale_factor: float = 1.0
     use_temb: bool = True
     dtype: Dtype = jnp.float32
+    padding_mode: str = "zeros"
 
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
         h = nn.silu(group_norm(self.groups, self.eps, self.dtype, "norm1")(x))
-        h = conv3x3(self.out_channels, self.dtype, "conv1")(h)
+        h = conv3x3(self.out_channels, self.dtype, "conv1", padding_mode=self.padding_mode)(h)
         if self.use_temb:
             h = h + nn.Dense(self.out_channels, dtype=self.dtype, name="time_emb_proj")(nn.silu(temb))[:, None, None]
         h = nn.silu(group_norm(self.groups_out or self.groups, self.eps, self.dtype, "norm2")(h))
-        h = conv3x3(self.out_channels, self.dtype, "conv2")(h)
+        h = conv3x3(self.out_channels, self.dtype, "conv2", padding_mode=self.padding_mode)(h)
         if x.shape[-1] != self.out_channels:
             # A 1x1 conv in PyTorch; a matmul over channels is the same thing in NHWC and faster on CPU.
             x = nn.Dense(self.out_channels, dtype=self.dtype, name="conv_shortcut")(x)
@@ -52,12 +78,15 @@ class Downsample2D(nn.Module):
     out_channels: int
     padding: int = 1
     dtype: Dtype = jnp.float32
+    padding_mode: str = "zeros"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.padding == 0:
+            # diffusers' F.pad(value=0): zeros whatever the conv's padding_mode (A1111's tiling keeps it too).
             x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
-        return conv3x3(self.out_channels, self.dtype, "conv", stride=2, padding=self.padding)(x)
+        return conv3x3(self.out_channels, self.dtype, "conv", stride=2, padding=self.padding,
+                       padding_mode=self.padding_mode)(x)
 
 
 def upsample_nearest(x: jax.Array, size: tuple[int, int] | None = None) -> jax.Array:
@@ -72,10 +101,11 @@ def upsample_nearest(x: jax.Array, size: tuple[int, int] | None = None) -> jax.A
 class Upsample2D(nn.Module):
     out_channels: int
     dtype: Dtype = jnp.float32
+    padding_mode: str = "zeros"
 
     @nn.compact
     def __call__(self, x: jax.Array, size: tuple[int, int] | None = None) -> jax.Array:
-        return conv3x3(self.out_channels, self.dtype, "conv")(upsample_nearest(x, size))
+        return conv3x3(self.out_channels, self.dtype, "conv", padding_mode=self.padding_mode)(upsample_nearest(x, size))
 
 
 def timestep_embedding(

@@ -24,6 +24,7 @@ from sdjax.models.layers import (
     ResnetBlock2D,
     TimestepEmbedding,
     Upsample2D,
+    conv,
     group_norm,
     timestep_embedding,
 )
@@ -229,10 +230,11 @@ class _Block(nn.Module):
     attention_impl: str | None = None
     matmul_dtype: Dtype | None = None
     hypernetworks: tuple[HypernetworkSpec, ...] = ()
+    padding_mode: str = "zeros"
 
     def resnet(self, name: str, scale: float = 1.0) -> ResnetBlock2D:
         return ResnetBlock2D(self.out_channels, groups=self.groups, eps=self.eps, output_scale_factor=scale,
-                             dtype=self.dtype, name=name)
+                             dtype=self.dtype, padding_mode=self.padding_mode, name=name)
 
     def transformer(self, name: str, layer: int) -> Transformer2DModel:
         assert self.heads is not None
@@ -262,7 +264,7 @@ class DownBlock(_Block):
             skips.append(x)
         if self.add_downsample:
             x = Downsample2D(self.out_channels, padding=self.downsample_padding, dtype=self.dtype,
-                             name="downsamplers_0")(x)
+                             padding_mode=self.padding_mode, name="downsamplers_0")(x)
             skips.append(x)
         return x, skips
 
@@ -295,7 +297,8 @@ class UpBlock(_Block):
             if self.heads is not None:
                 x = self.transformer(f"attentions_{i}", i)(x, context)
         if self.add_upsample:
-            x = Upsample2D(self.out_channels, dtype=self.dtype, name="upsamplers_0")(x, upsample_size)
+            x = Upsample2D(self.out_channels, dtype=self.dtype, padding_mode=self.padding_mode,
+                           name="upsamplers_0")(x, upsample_size)
         return x
 
 
@@ -307,6 +310,7 @@ class BlockOptions:
     attention_impl: str | None = None
     matmul_dtype: Any = None
     hypernetworks: tuple[HypernetworkSpec, ...] = ()
+    padding_mode: str = "zeros"
 
 
 def _block_kwargs(cfg: UNetConfig, i: int, attn: bool, channels: int, opts: BlockOptions,
@@ -315,7 +319,7 @@ def _block_kwargs(cfg: UNetConfig, i: int, attn: bool, channels: int, opts: Bloc
     return dict(out_channels=channels, heads=cfg.heads[i] if attn else None,
                 transformer_layers=depths, groups=cfg.norm_num_groups, eps=cfg.norm_eps,
                 dtype=opts.dtype, attention_impl=opts.attention_impl, matmul_dtype=opts.matmul_dtype,
-                hypernetworks=opts.hypernetworks)
+                hypernetworks=opts.hypernetworks, padding_mode=opts.padding_mode)
 
 
 # The functions below are the encoder half the UNet and diffusers' ControlNetModel share. They are called inside a
@@ -384,6 +388,7 @@ class UNet2DConditionModel(nn.Module):
     that dtype and accumulate in float32 (faster on CPU; bf16-level accuracy, not fp32 parity).
     ``hypernetworks``: A1111 hypernetworks in every attention layer (``sdjax.convert.hypernetwork``; their
     params sit under each attention's ``hypernetwork_<i>``).
+    ``padding_mode="circular"``: every padded conv wraps around (seamless textures, A1111's "Tiling").
     """
 
     config: UNetConfig
@@ -391,6 +396,7 @@ class UNet2DConditionModel(nn.Module):
     attention_impl: str | None = None
     matmul_dtype: Dtype | None = None
     hypernetworks: tuple[HypernetworkSpec, ...] = ()
+    padding_mode: str = "zeros"
 
     @nn.compact
     def __call__(
@@ -423,7 +429,7 @@ class UNet2DConditionModel(nn.Module):
         timesteps = self._check_inputs(sample, timesteps, encoder_hidden_states, text_embeds, time_ids,
                                        timestep_cond)
         _check_residuals(sample.shape[0], down_block_additional_residuals, mid_block_additional_residual)
-        opts = BlockOptions(self.dtype, self.attention_impl, self.matmul_dtype, self.hypernetworks)
+        opts = BlockOptions(self.dtype, self.attention_impl, self.matmul_dtype, self.hypernetworks, self.padding_mode)
         context = ip_adapter_context(encoder_hidden_states, ip_adapter_tokens, ip_adapter_scales)
 
         # 1. time (+ SDXL's pooled text and size/crop conditioning)
@@ -433,9 +439,8 @@ class UNet2DConditionModel(nn.Module):
         # 2. in
         if cfg.center_input_sample:
             sample = 2 * sample - 1.0
-        k_in = cfg.conv_in_kernel
-        x = nn.Conv(cfg.block_out_channels[0], (k_in, k_in), padding=((k_in // 2, k_in // 2),) * 2,
-                    dtype=self.dtype, name="conv_in")(sample)
+        x = conv(cfg.block_out_channels[0], cfg.conv_in_kernel, self.dtype, "conv_in",
+                 padding_mode=self.padding_mode)(sample)
 
         # 3. down (+ T2I-Adapter features inside, ControlNet residuals on the skips)
         x, skips, pending = down_path(cfg, x, emb, context, opts, down_intrablock_additional_residuals or ())
@@ -469,9 +474,7 @@ class UNet2DConditionModel(nn.Module):
 
         # 6. out
         x = nn.silu(group_norm(cfg.norm_num_groups, cfg.norm_eps, self.dtype, "conv_norm_out")(x))
-        k_out = cfg.conv_out_kernel
-        return nn.Conv(cfg.out_channels, (k_out, k_out), padding=((k_out // 2, k_out // 2),) * 2, dtype=self.dtype,
-                       name="conv_out")(x)
+        return conv(cfg.out_channels, cfg.conv_out_kernel, self.dtype, "conv_out", padding_mode=self.padding_mode)(x)
 
     def _check_inputs(self, sample, timesteps, context, text_embeds, time_ids, timestep_cond) -> jax.Array:
         """Shape checks with one clear message each (shapes are static, so this costs nothing under jit)."""

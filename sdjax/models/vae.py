@@ -119,14 +119,17 @@ class VAEMidBlock(nn.Module):
     groups: int
     add_attention: bool = True
     dtype: Dtype = jnp.float32
+    padding_mode: str = "zeros"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = x.shape[-1]
-        x = ResnetBlock2D(c, self.groups, eps=_EPS, use_temb=False, dtype=self.dtype, name="resnets_0")(x)
+        x = ResnetBlock2D(c, self.groups, eps=_EPS, use_temb=False, dtype=self.dtype, padding_mode=self.padding_mode,
+                          name="resnets_0")(x)
         if self.add_attention:
             x = VAEAttention(self.groups, self.dtype, name="attentions_0")(x)
-        return ResnetBlock2D(c, self.groups, eps=_EPS, use_temb=False, dtype=self.dtype, name="resnets_1")(x)
+        return ResnetBlock2D(c, self.groups, eps=_EPS, use_temb=False, dtype=self.dtype,
+                             padding_mode=self.padding_mode, name="resnets_1")(x)
 
 
 class DownEncoderBlock2D(nn.Module):
@@ -135,15 +138,17 @@ class DownEncoderBlock2D(nn.Module):
     num_layers: int
     add_downsample: bool
     dtype: Dtype = jnp.float32
+    padding_mode: str = "zeros"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         for j in range(self.num_layers):
             x = ResnetBlock2D(self.out_channels, self.groups, eps=_EPS, use_temb=False, dtype=self.dtype,
-                              name=f"resnets_{j}")(x)
+                              padding_mode=self.padding_mode, name=f"resnets_{j}")(x)
         if self.add_downsample:
             # padding=0: diffusers' VAE pads right/bottom by one, then convolves without padding.
-            x = Downsample2D(self.out_channels, padding=0, dtype=self.dtype, name="downsamplers_0")(x)
+            x = Downsample2D(self.out_channels, padding=0, dtype=self.dtype, padding_mode=self.padding_mode,
+                             name="downsamplers_0")(x)
         return x
 
 
@@ -153,52 +158,57 @@ class UpDecoderBlock2D(nn.Module):
     num_layers: int
     add_upsample: bool
     dtype: Dtype = jnp.float32
+    padding_mode: str = "zeros"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         for j in range(self.num_layers):
             x = ResnetBlock2D(self.out_channels, self.groups, eps=_EPS, use_temb=False, dtype=self.dtype,
-                              name=f"resnets_{j}")(x)
+                              padding_mode=self.padding_mode, name=f"resnets_{j}")(x)
         if self.add_upsample:
-            x = Upsample2D(self.out_channels, dtype=self.dtype, name="upsamplers_0")(x)
+            x = Upsample2D(self.out_channels, dtype=self.dtype, padding_mode=self.padding_mode, name="upsamplers_0")(x)
         return x
 
 
 class Encoder(nn.Module):
     config: VAEConfig
     dtype: Dtype = jnp.float32
+    padding_mode: str = "zeros"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
         groups = cfg.norm_num_groups
-        x = conv3x3(cfg.block_out_channels[0], self.dtype, "conv_in")(x)
+        pm = self.padding_mode
+        x = conv3x3(cfg.block_out_channels[0], self.dtype, "conv_in", padding_mode=pm)(x)
         last = len(cfg.block_out_channels) - 1
         for i, channels in enumerate(cfg.block_out_channels):
-            x = DownEncoderBlock2D(channels, groups, cfg.layers_per_block, i < last, self.dtype,
+            x = DownEncoderBlock2D(channels, groups, cfg.layers_per_block, i < last, self.dtype, pm,
                                    name=f"down_blocks_{i}")(x)
-        x = VAEMidBlock(groups, cfg.mid_block_add_attention, self.dtype, name="mid_block")(x)
+        x = VAEMidBlock(groups, cfg.mid_block_add_attention, self.dtype, pm, name="mid_block")(x)
         x = nn.silu(group_norm(groups, _EPS, self.dtype, "conv_norm_out")(x))
-        return conv3x3(2 * cfg.latent_channels, self.dtype, "conv_out")(x)
+        return conv3x3(2 * cfg.latent_channels, self.dtype, "conv_out", padding_mode=pm)(x)
 
 
 class Decoder(nn.Module):
     config: VAEConfig
     dtype: Dtype = jnp.float32
+    padding_mode: str = "zeros"
 
     @nn.compact
     def __call__(self, z: jax.Array) -> jax.Array:
         cfg = self.config
         groups = cfg.norm_num_groups
         reversed_channels = cfg.block_out_channels[::-1]
-        x = conv3x3(reversed_channels[0], self.dtype, "conv_in")(z)
-        x = VAEMidBlock(groups, cfg.mid_block_add_attention, self.dtype, name="mid_block")(x)
+        pm = self.padding_mode
+        x = conv3x3(reversed_channels[0], self.dtype, "conv_in", padding_mode=pm)(z)
+        x = VAEMidBlock(groups, cfg.mid_block_add_attention, self.dtype, pm, name="mid_block")(x)
         last = len(reversed_channels) - 1
         for i, channels in enumerate(reversed_channels):
-            x = UpDecoderBlock2D(channels, groups, cfg.layers_per_block + 1, i < last, self.dtype,
+            x = UpDecoderBlock2D(channels, groups, cfg.layers_per_block + 1, i < last, self.dtype, pm,
                                  name=f"up_blocks_{i}")(x)
         x = nn.silu(group_norm(groups, _EPS, self.dtype, "conv_norm_out")(x))
-        return conv3x3(cfg.out_channels, self.dtype, "conv_out")(x)
+        return conv3x3(cfg.out_channels, self.dtype, "conv_out", padding_mode=pm)(x)
 
 
 class AutoencoderKL(nn.Module):
@@ -206,15 +216,17 @@ class AutoencoderKL(nn.Module):
 
     Outputs are float32 whatever ``dtype`` computes in (latent statistics feed float32 sampler arithmetic).
     Params of another dtype (e.g. bf16) are cast to ``dtype`` by the layers, so a float32 VAE runs bf16 weights.
+    ``padding_mode="circular"``: every padded conv wraps around (seamless textures, A1111's "Tiling").
     """
 
     config: VAEConfig
     dtype: Dtype = jnp.float32
+    padding_mode: str = "zeros"
 
     def setup(self) -> None:
         cfg = self.config
-        self.encoder = Encoder(cfg, self.dtype)
-        self.decoder = Decoder(cfg, self.dtype)
+        self.encoder = Encoder(cfg, self.dtype, self.padding_mode)
+        self.decoder = Decoder(cfg, self.dtype, self.padding_mode)
         # 1x1 convs in PyTorch: a matmul over channels in NHWC.
         if cfg.use_quant_conv:
             self.quant_conv = nn.Dense(2 * cfg.latent_channels, dtype=self.dtype)
@@ -224,14 +236,17 @@ class AutoencoderKL(nn.Module):
     def encode(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Images ``(B, H, W, in_channels)`` in [-1, 1] -> posterior ``(mean, logvar)``, each
         ``(B, H/f, W/f, latent_channels)`` with ``f = config.downsample_factor``."""
+        return posterior(self.encode_moments(images))
+
+    def encode_moments(self, images: jax.Array) -> jax.Array:
+        """The encoder's raw output ``(B, H/f, W/f, 2 * latent_channels)``, float32: mean and unclipped logvar
+        (what tiled encoding blends, as diffusers does, before :func:`posterior` splits and clips it)."""
         cfg = self.config
         _check_input(images, cfg.in_channels, cfg.downsample_factor, "images")
         h = self.encoder(images.astype(self.dtype))
         if cfg.use_quant_conv:
             h = self.quant_conv(h)
-        h = h.astype(jnp.float32)
-        mean, logvar = jnp.split(h, 2, axis=-1)
-        return mean, jnp.clip(logvar, LOGVAR_MIN, LOGVAR_MAX)
+        return h.astype(jnp.float32)
 
     def decode(self, latents: jax.Array) -> jax.Array:
         """Unscaled latents ``(B, h, w, latent_channels)`` -> images ``(B, h*f, w*f, out_channels)``."""
@@ -254,6 +269,12 @@ def _check_input(x: jax.Array, channels: int, multiple: int, what: str) -> None:
     if x.shape[1] % multiple or x.shape[2] % multiple:
         raise ValueError(f"VAE {what} height and width must be multiples of the downsample factor {multiple}; "
                          f"got {x.shape[1]}x{x.shape[2]}")
+
+
+def posterior(moments: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Raw encoder moments -> ``(mean, logvar)`` with logvar clipped as DiagonalGaussianDistribution does."""
+    mean, logvar = jnp.split(moments, 2, axis=-1)
+    return mean, jnp.clip(logvar, LOGVAR_MIN, LOGVAR_MAX)
 
 
 def sample_latent(mean: jax.Array, logvar: jax.Array, key: jax.Array) -> jax.Array:
