@@ -21,7 +21,8 @@ from sdjax.guidance.methods import (
 
 SCHEDULES = ("constant", "linear", "cosine", "clamp-linear")
 RESCALE_SPACES = ("output", "eps", "x0", "v")
-DEFAULT_CLASSIFIER_SCALE = 10.0  # works for the embedded default model with its latent classifier
+# Scales that work for the embedded default model with its latent classifier (tests/test_classifier_guidance.py).
+DEFAULT_CLASSIFIER_SCALE = {1: 8.0, 2: 4.0}
 
 
 class GuidanceError(ValueError):
@@ -53,8 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--classifier-guidance", action="append", default=[], metavar="HEAD=VALUE",
                    help="guide with the embedded default model's noise-aware latent classifier, e.g. shape=triangle, "
                         "color=red, background=blue (repeatable; algorithm 1 with --sampler ddpm, else 2)")
-    g.add_argument("--classifier-scale", type=float, default=DEFAULT_CLASSIFIER_SCALE,
-                   help="scale of --classifier-guidance")
+    g.add_argument("--classifier-scale", type=float,
+                   help="scale of --classifier-guidance (default: 8 with --sampler ddpm (algorithm 1), else 4)")
 
 
 def _interval(text: str) -> tuple[float, float]:
@@ -101,8 +102,9 @@ def build(args: argparse.Namespace) -> Method | None:
     if args.guidance_interval is not None:
         low, high = _interval(args.guidance_interval)
         method = Interval(method, sigma_min=low, sigma_max=high)
+    scale = _classifier_scale(args)
     for target in args.classifier_guidance:
-        method = ClassifierGuidance(_classifier(target), args.classifier_scale, inner=method)
+        method = ClassifierGuidance(_classifier(target), scale, inner=method)
     return method
 
 
@@ -129,6 +131,12 @@ def metadata(args: argparse.Namespace) -> dict[str, Any]:
         "APG": (f"eta {args.apg_eta:g}, momentum {args.apg_momentum:g}, norm threshold {args.apg_norm_threshold:g}"
                 if args.apg else None),
         "Perp-Neg": None if args.perp_neg is None else f"{args.perp_neg:g}",
-        "Classifier guidance": (", ".join(args.classifier_guidance) + f" (scale {args.classifier_scale:g})"
+        "Classifier guidance": (", ".join(args.classifier_guidance) + f" (scale {_classifier_scale(args):g})"
                                 if args.classifier_guidance else None),
     }
+
+
+def _classifier_scale(args: argparse.Namespace) -> float:
+    if args.classifier_scale is not None:
+        return args.classifier_scale
+    return DEFAULT_CLASSIFIER_SCALE[1 if args.sampler == "ddpm" else 2]
