@@ -266,6 +266,20 @@ def _time_ids(pipe: Any, r: Request, height: int, width: int, batch: int) -> dic
             UNCOND: np.tile(np.asarray(uncond, np.float32), (batch, 1))}
 
 
+ADDON_PARAMS = ("control_params", "adapter_params")  # ControlNet / T2I-Adapter params: placed once per mesh
+_addon_cache: dict[tuple[int, Any], tuple[Any, Any]] = {}
+
+
+def _placed_addon(params: Any, mesh: Any) -> Any:
+    """An add-on's params on the mesh, cached by identity (the cache holds the params, so ids stay unique)."""
+    key = (id(params), mesh)
+    if key not in _addon_cache:
+        if len(_addon_cache) >= 8:
+            _addon_cache.pop(next(iter(_addon_cache)))
+        _addon_cache[key] = (params, jax.device_put(params, parallel.replicated(mesh)))
+    return _addon_cache[key][1]
+
+
 def place(pipe: Any, prepared: Prepared, mesh: Any) -> tuple[Any, Inputs, Method]:
     """(params, inputs, method) on the mesh: batched inputs padded and sharded, the rest replicated."""
     size = parallel.padded_size(prepared.batch, mesh)
@@ -276,6 +290,8 @@ def place(pipe: Any, prepared: Prepared, mesh: Any) -> tuple[Any, Inputs, Method
             placed[field.name] = None
         elif Inputs.is_batched(field.name):
             placed[field.name] = jax.device_put(parallel.pad_batch(value, size), parallel.batch_sharded(mesh))
+        elif field.name in ADDON_PARAMS:
+            placed[field.name] = tuple(_placed_addon(p, mesh) for p in value)
         else:
             placed[field.name] = jax.device_put(value, parallel.replicated(mesh))
     method = jax.device_put(prepared.method, parallel.replicated(mesh))
