@@ -8,6 +8,7 @@ build one ``sdjax.generation.Request``.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 from transformers import CLIPTokenizer
@@ -44,6 +45,7 @@ class Pipeline:
     force_zeros_for_empty_prompt: bool = False
     requires_aesthetics_score: bool = False
     source: str = ""
+    ip_adapters: tuple[Any, ...] = ()  # IP-Adapters whose kernels are in params["unet"] (with_ip_adapter), in order
     # Params already placed on a mesh's devices, by mesh (not copied by replace(): new params, new cache).
     device_params: dict[Any, Any] = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -171,7 +173,11 @@ class Pipeline:
         extra = options.pop("options")
         execution = {k: extra.pop(k) for k in ("progress", "mesh", "image_index_offset") if k in extra}
         request = Request.build(task, options.pop("prompt"), **options, **extra)
-        return run(self, request, **execution)
+        pipe = self
+        for adapter in request.ip_adapter.adapters if request.ip_adapter else ():
+            if not any(adapter is a for a in pipe.ip_adapters):
+                pipe = pipe.with_ip_adapter(adapter)  # params for this call (prefer with_ip_adapter once)
+        return run(pipe, request, **execution)
 
     # --- any size -------------------------------------------------------------------------------------------
 
@@ -200,6 +206,28 @@ class Pipeline:
         from sdjax.convert.hypernetwork import apply_hypernetwork
 
         return apply_hypernetwork(self, path, strength)
+
+    def with_ip_adapter(self, source: Any, *, image_encoder: Any = None, scale: float = 1.0) -> Pipeline:
+        """A new pipeline with an IP-Adapter's decoupled cross-attention in its UNet (chain calls for several);
+        ``source``: an ``ip-adapter*.safetensors`` / ``.bin`` file (``image_encoder``: the CLIP vision folder,
+        e.g. h94's ``models/image_encoder``, or a loaded one) or an adapter from ``sdjax.load_ip_adapter``.
+        Every task then needs ``ip_adapter_image=`` (one entry per adapter); ``ip_adapter_scale=`` overrides
+        ``scale`` per call without a recompile."""
+        from sdjax.ip_adapter import IPAdapter, load_ip_adapter, with_ip_adapters
+
+        if isinstance(source, IPAdapter):
+            if isinstance(image_encoder, str | Path):
+                from sdjax.ip_adapter import load_image_encoder
+
+                image_encoder = load_image_encoder(image_encoder, dtype=self.unet.dtype)
+            adapter = source if image_encoder is None else dataclasses.replace(source, image_encoder=image_encoder)
+        else:
+            adapter = load_ip_adapter(source, self.unet.config, image_encoder=image_encoder, scale=scale,
+                                      dtype=self.unet.dtype)
+        adapters = (*self.ip_adapters, adapter)
+        # The kernels are named by adapter position (to_k_ip_0, ...): re-adding the earlier ones is a no-op.
+        unet = with_ip_adapters(self.params["unet"], list(adapters))
+        return self.replace(params={**self.params, "unet": unet}, ip_adapters=adapters)
 
 
 def _arguments(scope: dict[str, Any]) -> dict[str, Any]:

@@ -86,6 +86,9 @@ class Plan:
     denoising_start: float | None = None
     denoising_end: float | None = None
     sweep: int | None = None  # K settings of the guidance method in one run (a leading axis K)
+    controlnets: tuple[Any, ...] = ()  # ControlNetModel modules (their params ride in Inputs.control_params)
+    guess_mode: bool = False  # ControlNet guess mode (under CFG: the conditional pass only)
+    adapters: tuple[Any, ...] = ()  # T2I-Adapter modules (params in Inputs.adapter_params)
 
 
 def batched(**kwargs: Any) -> Any:
@@ -108,6 +111,20 @@ class Inputs:
     mask: Any = batched(default=None)  # (B, H, W, 1), 1 = repaint
     strength: Any = None  # image-to-image strength (traced: no recompile)
     lcm_scale: Any = None  # LCM: the guidance scale its UNet embeds (time_cond_proj_dim)
+    # ControlNet (one entry per net): images (B, H, W, 3) in [0, 1]; params; traced scales and start/end
+    control_images: Any = batched(default=None)
+    control_params: Any = None
+    control_scales: Any = None  # (n,)
+    control_starts: Any = None  # (n,) fractions of the steps run
+    control_ends: Any = None
+    # T2I-Adapter (one entry per adapter): images (B, H, W, C); params; traced weights and SDXL's factor
+    adapter_images: Any = batched(default=None)
+    adapter_params: Any = None
+    adapter_scales: Any = None  # (n,)
+    adapter_factor: Any = None  # features only while the run's step index < int(n_run * factor)
+    # IP-Adapter: {pass: tuple of (B, images, T, C) tokens per adapter} (the pipeline's adapters, in order)
+    ip_tokens: Any = batched(default=None)
+    ip_scales: Any = None  # (n,)
 
     @classmethod
     def is_batched(cls, name: str) -> bool:
@@ -182,19 +199,57 @@ def _image_conditioning(model: Model, plan: Plan, params: Mapping[str, Any], inp
 # --- the model seen by the loop ------------------------------------------------------------------------------
 
 
+def step_of(schedule: Any, t: jax.Array) -> jax.Array:
+    """The loop step whose interval holds timestep ``t`` (traced): the last i with ``timesteps[i] >= t``.
+    First-order samplers evaluate at ``timesteps[i]`` itself; second-order ones also between two steps."""
+    timesteps = jnp.asarray(schedule.timesteps, jnp.float32)[: schedule.num_steps]
+    i = jnp.sum(timesteps >= t - 1e-3 * jnp.maximum(1.0, jnp.abs(t))) - 1
+    return jnp.clip(i, 0, schedule.num_steps - 1).astype(jnp.int32)
+
+
+def control_keep(index: jax.Array, n_run: jax.Array, starts: jax.Array, ends: jax.Array) -> jax.Array:
+    """diffusers' ``controlnet_keep[index]`` for ``n_run`` steps run, traced: (n,) 1.0 where ControlNet k is
+    on (``index / n_run >= start_k`` and ``(index + 1) / n_run <= end_k``), else 0.0."""
+    n = jnp.asarray(n_run, jnp.float32)
+    j = jnp.asarray(index, jnp.float32)
+    off = (j / n < starts) | ((j + 1) / n > ends)
+    return 1.0 - off.astype(jnp.float32)
+
+
+def _adapter_features(plan: Plan, inputs: Inputs) -> tuple[jax.Array, ...] | None:
+    """T2I-Adapter features, once per generation: diffusers' (Multi)Adapter weighted sum."""
+    if not plan.adapters:
+        return None
+    total = None
+    for k, (module, p, image) in enumerate(zip(plan.adapters, inputs.adapter_params, inputs.adapter_images,
+                                               strict=True)):
+        feats = [f * inputs.adapter_scales[k].astype(f.dtype) for f in module.apply({"params": p}, image)]
+        total = feats if total is None else [a + b for a, b in zip(total, feats, strict=True)]
+    return tuple(total)
+
+
 def _passes_fn(model: Model, plan: Plan, params: Mapping[str, Any], inputs: Inputs,
-               extra_channels: jax.Array | None) -> Callable:
+               extra_channels: jax.Array | None, schedule: Any = None, start: Any = 0) -> Callable:
     """``passes_fn(x_in, t, passes) -> {pass: raw UNet output}``: one UNet call on the image's passes side by
-    side ([p0 of image 0, p1 of image 0, ..., p0 of image 1, ...]), with SDXL's / LCM's extra conditioning."""
+    side ([p0 of image 0, p1 of image 0, ..., p0 of image 1, ...]), with SDXL's / LCM's extra conditioning and
+    the ControlNet / T2I-Adapter / IP-Adapter inputs. ``schedule`` and ``start`` (the first step run) place
+    ControlNet start/end and the adapter factor, as fractions of the steps run."""
     unet_config = model.unet.config
     encoded = _encode_passes(model, plan, params, inputs)
     time_ids = inputs.time_ids or {}
     lcm_emb = None
     if unet_config.time_cond_proj_dim is not None:
         lcm_emb = guidance_scale_embedding(inputs.lcm_scale - 1.0, unet_config.time_cond_proj_dim)
+    adapter_features = _adapter_features(plan, inputs)
+    n_run = None if schedule is None else schedule.num_steps - jnp.asarray(start, jnp.int32)
+
+    def run_index(t: jax.Array) -> jax.Array:
+        # TODO(lead): the loop knows the step; a 4th passes_fn argument would replace this lookup.
+        return step_of(schedule, t) - jnp.asarray(start, jnp.int32)
 
     def passes_fn(x_in: jax.Array, t: jax.Array, passes: tuple[str, ...]) -> dict[str, jax.Array]:
         count = len(passes)
+        x_cn = x_in  # ControlNets see the 4-channel latents, before an inpainting UNet's extra channels
         if extra_channels is not None:
             x_in = jnp.concatenate([x_in, extra_channels.astype(x_in.dtype)], axis=-1)
         x_all = stack_passes([x_in] * count)
@@ -207,11 +262,53 @@ def _passes_fn(model: Model, plan: Plan, params: Mapping[str, Any], inputs: Inpu
         if lcm_emb is not None:
             timestep_cond = jnp.broadcast_to(lcm_emb, (x_all.shape[0], lcm_emb.shape[-1]))
         ts = jnp.broadcast_to(t, (x_all.shape[0],))
+        extra: dict[str, Any] = {}
+        if plan.controlnets:
+            keep = control_keep(run_index(t), n_run, inputs.control_starts, inputs.control_ends)
+            extra.update(_control_residuals(model, plan, inputs, passes, x_cn, t, encoded, time_ids,
+                                            inputs.control_scales * keep))
+        if adapter_features is not None:
+            on = (run_index(t) < jnp.floor(n_run * inputs.adapter_factor * (1 + 1e-6))).astype(jnp.float32)
+            extra["down_intrablock_additional_residuals"] = [stack_passes([f * on.astype(f.dtype)] * count)
+                                                             for f in adapter_features]
+        if inputs.ip_tokens is not None:
+            n_ip = len(inputs.ip_tokens[COND])
+            extra["ip_adapter_tokens"] = [stack_passes([inputs.ip_tokens[COND if p == COND else UNCOND][j]
+                                                        for p in passes]) for j in range(n_ip)]
+            extra["ip_adapter_scales"] = inputs.ip_scales
         out = model.unet.apply({"params": params["unet"]}, x_all.astype(model.unet.dtype), ts, context,
-                               timestep_cond=timestep_cond, **added).astype(jnp.float32)
+                               timestep_cond=timestep_cond, **added, **extra).astype(jnp.float32)
         return dict(zip(passes, unstack_passes(out, count), strict=True))
 
     return passes_fn
+
+
+def _control_residuals(model: Model, plan: Plan, inputs: Inputs, passes: tuple[str, ...], x: jax.Array,
+                       t: jax.Array, encoded: Mapping[str, Any], time_ids: Mapping[str, Any], scales: jax.Array
+                       ) -> dict[str, Any]:
+    """The UNet's ControlNet keywords for this evaluation: the nets' summed residuals on every pass, or in guess
+    mode on the conditional pass alone with zeros for the others (as diffusers does under CFG)."""
+    run_on = (COND,) if plan.guess_mode else passes
+    count = len(run_on)
+    x_all = stack_passes([x] * count).astype(model.unet.dtype)
+    context = stack_passes([encoded[p][0] for p in run_on])
+    added = {}
+    if model.is_sdxl:
+        added = {"text_embeds": stack_passes([encoded[p][1] for p in run_on]),
+                 "time_ids": stack_passes([time_ids[COND if p == COND else UNCOND] for p in run_on])}
+    ts = jnp.broadcast_to(t, (x_all.shape[0],))
+    down = mid = None
+    for k, (module, p, image) in enumerate(zip(plan.controlnets, inputs.control_params, inputs.control_images,
+                                               strict=True)):
+        d, m = module.apply({"params": p}, x_all, ts, context, stack_passes([image] * count), scales[k],
+                            guess_mode=plan.guess_mode, **added)
+        down, mid = (list(d), m) if down is None else ([a + b for a, b in zip(down, d, strict=True)], mid + m)
+    if plan.guess_mode and len(passes) > 1:
+        def spread(r: jax.Array) -> jax.Array:
+            zeros = jnp.zeros_like(r)
+            return stack_passes([r if p == COND else zeros for p in passes])
+        down, mid = [spread(r) for r in down], spread(mid)
+    return {"down_block_additional_residuals": list(down), "mid_block_additional_residual": mid}
 
 
 def decode_latents(vae: AutoencoderKL, vae_params: Any, latents: jax.Array) -> jax.Array:
@@ -255,7 +352,7 @@ def _denoise_one(model: Model, plan: Plan, params: Mapping[str, Any], inputs: In
         jax.debug.callback(_report_progress, i)
         return x if blend_step is None else blend_step(i, x)
 
-    passes_fn = _passes_fn(model, plan, params, inputs, extra_channels)
+    passes_fn = _passes_fn(model, plan, params, inputs, extra_channels, schedule, start)
     return sample(passes_fn, x, schedule, guidance=method, keys=_image_keys(keys, Stream.SAMPLER), eta=inputs.eta,
                   start_step=start, end_step=end, post_step=post_step, decode=_decode_fn(model, params))
 

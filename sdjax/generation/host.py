@@ -160,16 +160,18 @@ def prepare(pipe: Any, request: Request, *, image_index_offset: int = 0) -> Prep
     strength = None
     if r.task in ("image", "inpaint") and (task != LATENT_IMAGE or r.denoising_start is None):
         strength = np.float32(r.strength)
+    control, control_plan = _control_inputs(r, height, width, batch)
+    adapter, adapter_plan = _adapter_inputs(r, height, width, batch)
+    ip = _ip_adapter_inputs(pipe, r, batch)
     inputs = Inputs(
         keys=np.asarray(parallel.image_keys(r.seed, image_index_offset + np.arange(batch))),
         ids=ids, embeds=embeds or None, eta=np.float32(eta), time_ids=time_ids, noise=noise, image=image,
-        mask=mask, strength=strength,
-        lcm_scale=lcm_scale,
+        mask=mask, strength=strength, lcm_scale=lcm_scale, **control, **adapter, **ip,
     )
     plan = Plan(sampler=r.sampler, sigma_schedule=r.schedule, num_steps=r.num_steps, latent_size=latent_size,
                 clip_skip=r.clip_skip, emphasis=r.emphasis, passes=passes, zero_passes=zero_passes, task=task,
                 start_from_noise=r.task == "inpaint" and r.strength == 1.0, denoising_start=r.denoising_start,
-                denoising_end=r.denoising_end, sweep=sweep)
+                denoising_end=r.denoising_end, sweep=sweep, **control_plan, **adapter_plan)
     return Prepared(plan, inputs, as_arrays(method), batch)
 
 
@@ -212,6 +214,88 @@ def _check_memory(pipe: Any, batch: int, height: int, width: int) -> None:
     check_fits(pipe, per_device, height, width, vae_tile=tile)
 
 
+def _per_prompt(images: np.ndarray, batch: int, name: str) -> np.ndarray:
+    if images.shape[0] not in (1, batch):
+        raise ValueError(f"{name}: {images.shape[0]} images for {batch} prompts (give one, or one per prompt)")
+    return np.ascontiguousarray(np.broadcast_to(images, (batch,) + images.shape[1:]))
+
+
+def _control_inputs(r: Request, height: int, width: int, batch: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """ControlNet fields of (Inputs, Plan): control images as diffusers prepares them, params, traced numbers."""
+    c = r.control
+    if c is None:
+        return {}, {}
+    from sdjax.control import effective_guess_mode, prepare_control_image
+
+    images = tuple(_per_prompt(prepare_control_image(im, height, width, batch, 1), batch, "control_image")
+                   for im in c.images)
+    inputs = dict(control_images=images, control_params=tuple(n.params for n in c.nets),
+                  control_scales=np.asarray(c.scales, np.float32), control_starts=np.asarray(c.starts, np.float32),
+                  control_ends=np.asarray(c.ends, np.float32))
+    plan = dict(controlnets=tuple(n.module for n in c.nets), guess_mode=effective_guess_mode(list(c.nets),
+                                                                                              c.guess_mode))
+    return inputs, plan
+
+
+def _adapter_inputs(r: Request, height: int, width: int, batch: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    a = r.adapter
+    if a is None:
+        return {}, {}
+    from sdjax.t2i_adapter import prepare_adapter_image
+
+    images = []
+    for adapter, im in zip(a.adapters, a.images, strict=True):
+        arr = _per_prompt(prepare_adapter_image(im, height, width), batch, "adapter_image")
+        if arr.shape[-1] != adapter.config.in_channels:
+            raise ValueError(f"adapter_image has {arr.shape[-1]} channels; this T2I-Adapter takes "
+                             f"{adapter.config.in_channels} (an 'L' image for sketch adapters, RGB otherwise)")
+        images.append(arr)
+    inputs = dict(adapter_images=tuple(images), adapter_params=tuple(ad.params for ad in a.adapters),
+                  adapter_scales=np.asarray(a.scales, np.float32), adapter_factor=np.float32(a.conditioning_factor))
+    return inputs, dict(adapters=tuple(ad.module for ad in a.adapters))
+
+
+def ip_adapters_of(pipe: Any, r: Request) -> tuple[Any, ...]:
+    """The IP-Adapters a request runs with: the pipeline's (``with_ip_adapter``; ``ip_adapter=`` on a task
+    call makes such a pipeline for the call)."""
+    adapters = tuple(getattr(pipe, "ip_adapters", ()))
+    missing = [a for a in (r.ip_adapter.adapters if r.ip_adapter else ()) if not any(a is b for b in adapters)]
+    if missing:
+        raise ValueError("ip_adapter: these adapters' weights are not in this pipeline's UNet; use "
+                         "pipe.with_ip_adapter(adapter) (the task methods do this for ip_adapter=)")
+    return adapters
+
+
+def _ip_adapter_inputs(pipe: Any, r: Request, batch: int) -> dict[str, Any]:
+    """Image tokens of every IP-Adapter for the conditional pass and the others (diffusers' encode_image: the
+    unconditional embedding is zeros, or for Plus adapters the encoding of a zero image)."""
+    adapters = ip_adapters_of(pipe, r)
+    if not adapters:
+        return {}
+    o = r.ip_adapter
+    if o is None:
+        raise ValueError("this pipeline has IP-Adapters (with_ip_adapter): give ip_adapter_image=")
+    if len(o.images) != len(adapters):
+        raise ValueError(f"ip_adapter_image has {len(o.images)} entries for {len(adapters)} IP-Adapters "
+                         "(one image, or list of images, per adapter)")
+    scales = o.scales if o.scales is not None else tuple(a.scale for a in adapters)
+    if len(scales) == 1:
+        scales = scales * len(adapters)
+    if len(scales) != len(adapters):
+        raise ValueError(f"ip_adapter_scale has {len(scales)} values for {len(adapters)} IP-Adapters")
+    from sdjax.ip_adapter import encode_image, ip_adapter_tokens
+
+    tokens: dict[str, list[np.ndarray]] = {COND: [], UNCOND: []}
+    for adapter, image in zip(adapters, o.images, strict=True):
+        if adapter.image_encoder is None:
+            raise ValueError("an IP-Adapter was loaded without an image encoder: give image_encoder=FOLDER")
+        cond, uncond = encode_image(adapter, image)
+        for name, embeds in ((COND, cond), (UNCOND, uncond)):
+            t = np.asarray(ip_adapter_tokens(adapter, embeds[None]))  # (1, images, T, C): every prompt's
+            tokens[name].append(np.ascontiguousarray(np.broadcast_to(t, (batch,) + t.shape[1:])))
+    return dict(ip_tokens={k: tuple(v) for k, v in tokens.items()}, ip_scales=np.asarray(scales, np.float32))
+
+
 def _time_ids(pipe: Any, r: Request, height: int, width: int, batch: int) -> dict[str, np.ndarray]:
     o = r.sdxl
     size = (height, width)
@@ -228,6 +312,20 @@ def _time_ids(pipe: Any, r: Request, height: int, width: int, batch: int) -> dic
             UNCOND: np.tile(np.asarray(uncond, np.float32), (batch, 1))}
 
 
+ADDON_PARAMS = ("control_params", "adapter_params")  # ControlNet / T2I-Adapter params: placed once per mesh
+_addon_cache: dict[tuple[int, Any], tuple[Any, Any]] = {}
+
+
+def _placed_addon(params: Any, mesh: Any) -> Any:
+    """An add-on's params on the mesh, cached by identity (the cache holds the params, so ids stay unique)."""
+    key = (id(params), mesh)
+    if key not in _addon_cache:
+        if len(_addon_cache) >= 8:
+            _addon_cache.pop(next(iter(_addon_cache)))
+        _addon_cache[key] = (params, jax.device_put(params, parallel.replicated(mesh)))
+    return _addon_cache[key][1]
+
+
 def place(pipe: Any, prepared: Prepared, mesh: Any) -> tuple[Any, Inputs, Method]:
     """(params, inputs, method) on the mesh: batched inputs padded and sharded, the rest replicated."""
     size = parallel.padded_size(prepared.batch, mesh)
@@ -238,6 +336,8 @@ def place(pipe: Any, prepared: Prepared, mesh: Any) -> tuple[Any, Inputs, Method
             placed[field.name] = None
         elif Inputs.is_batched(field.name):
             placed[field.name] = jax.device_put(parallel.pad_batch(value, size), parallel.batch_sharded(mesh))
+        elif field.name in ADDON_PARAMS:
+            placed[field.name] = tuple(_placed_addon(p, mesh) for p in value)
         else:
             placed[field.name] = jax.device_put(value, parallel.replicated(mesh))
     method = jax.device_put(prepared.method, parallel.replicated(mesh))

@@ -46,6 +46,37 @@ class SDXLOptions:
         return self == SDXLOptions()
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class ControlOptions:
+    """One or several ControlNets (diffusers' MultiControlNet) with their images, scales and start/end."""
+
+    nets: tuple[Any, ...]  # sdjax.control.ControlNet
+    images: tuple[Any, ...]  # one control image (PIL / array in [0, 1], one or one per prompt) per net
+    scales: tuple[float, ...]
+    starts: tuple[float, ...]
+    ends: tuple[float, ...]
+    guess_mode: bool = False
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class AdapterOptions:
+    """T2I-Adapters (diffusers' MultiAdapter) with their images and weights."""
+
+    adapters: tuple[Any, ...]  # sdjax.t2i_adapter.T2IAdapterModel
+    images: tuple[Any, ...]
+    scales: tuple[float, ...]
+    conditioning_factor: float = 1.0  # SDXL adapter pipeline: features only while i < int(n * factor)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class IPAdapterOptions:
+    """IP-Adapter images, one per adapter of the pipeline, and their scales (None: each adapter's own)."""
+
+    adapters: tuple[Any, ...]  # sdjax.ip_adapter.IPAdapter given with ip_adapter= (added to the pipeline's)
+    images: tuple[Any, ...]
+    scales: tuple[float, ...] | None = None
+
+
 @dataclasses.dataclass(frozen=True)
 class PromptEmbeds:
     """Conditioning made elsewhere, in diffusers' layouts: (B, S, D) contexts, SDXL's (B, P) pooled ones."""
@@ -109,6 +140,9 @@ class Request:
     guidance_scale: float | None = None  # the plain number given as guidance_scale (LCM embeds it), if any
     emphasis: str = "original"  # A1111's emphasis: "original" (restore the mean), "no_norm", "none" (literal)
     embeds: PromptEmbeds | None = None  # prompt_embeds= and friends instead of text
+    control: ControlOptions | None = None
+    adapter: AdapterOptions | None = None
+    ip_adapter: IPAdapterOptions | None = None
 
     @property
     def batch(self) -> int:
@@ -126,7 +160,11 @@ class Request:
               image: Any = None, mask: Any = None, strength: Any = None, denoising_start: Any = None,
               denoising_end: Any = None, emphasis: str = "original", prompt_embeds: Any = None,
               negative_prompt_embeds: Any = None, pooled_prompt_embeds: Any = None,
-              negative_pooled_prompt_embeds: Any = None, **sdxl: Any) -> Request:
+              negative_pooled_prompt_embeds: Any = None, controlnet: Any = None,
+              control_image: Any = None, controlnet_conditioning_scale: Any = 1.0, control_guidance_start: Any = 0.0,
+              control_guidance_end: Any = 1.0, guess_mode: Any = False, adapter: Any = None, adapter_image: Any = None,
+              adapter_conditioning_scale: Any = 1.0, adapter_conditioning_factor: Any = 1.0, ip_adapter: Any = None,
+              ip_adapter_image: Any = None, ip_adapter_scale: Any = None, **sdxl: Any) -> Request:
         """Check the keywords of a task call (each error names the keyword) and build the request."""
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; valid: {', '.join(TASKS)}")
@@ -183,6 +221,10 @@ class Request:
         if guidance is None:
             given = DEFAULT_GUIDANCE_SCALE if guidance_scale is None else guidance_scale
             plain_scale = float(given) if isinstance(given, numbers.Real) else None
+        control = _control_options(controlnet, control_image, controlnet_conditioning_scale, control_guidance_start,
+                                   control_guidance_end, guess_mode)
+        adapters = _adapter_options(adapter, adapter_image, adapter_conditioning_scale, adapter_conditioning_factor)
+        ip = _ip_adapter_options(ip_adapter, ip_adapter_image, ip_adapter_scale)
         return cls(
             task=task,
             prompts=tuple(prompts),
@@ -207,6 +249,9 @@ class Request:
             sdxl=SDXLOptions(**sdxl),
             emphasis=emphasis,
             embeds=embeds,
+            control=control,
+            adapter=adapters,
+            ip_adapter=ip,
         )
 
 
@@ -238,6 +283,98 @@ def resolve_guidance(guidance: Method | None, scale: Any, rescale: Any) -> Metho
     if isinstance(scale, float) and scale <= 1.0:
         return Conditional()
     return CFG(scale, rescale=rescale)
+
+
+def _listed(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
+def _per_model(value: Any, n: int, name: str, models: str) -> list[float]:
+    """A number, or a list with one number per model."""
+    values = _listed(value)
+    if len(values) == 1:
+        values = values * n
+    if len(values) != n:
+        raise ValueError(f"{name} has {len(values)} values for {n} {models}")
+    return [_number(v, name) for v in values]
+
+
+def _images_per_model(value: Any, n: int, name: str, models: str) -> list[Any]:
+    """One image per model: with one model the value itself (an image, a batch, a list of per-prompt images);
+    with several a list of as many entries."""
+    if value is None:
+        raise ValueError(f"{name} is missing: the {models} need an image")
+    values = [value] if n == 1 else _listed(value)
+    if len(values) != n:
+        raise ValueError(f"{name} has {len(values)} entries for {n} {models} (give one image per model)")
+    for v in values:
+        if isinstance(v, str | bytes) or hasattr(v, "__fspath__"):
+            raise TypeError(f"{name}: give PIL images or arrays in [0, 1], not a path "
+                            f"(open it with PIL.Image.open({v!r}))")
+    return values
+
+
+def _control_options(controlnet: Any, image: Any, scale: Any, start: Any, end: Any, guess_mode: Any
+                     ) -> ControlOptions | None:
+    if controlnet is None:
+        if image is not None:
+            raise ValueError("control_image was given without controlnet=")
+        return None
+    from sdjax.control import ControlNet, guidance_ranges
+
+    nets = _listed(controlnet)
+    if not nets or not all(isinstance(n, ControlNet) for n in nets):
+        raise TypeError("controlnet must be a ControlNet from sdjax.load_controlnet(path) or a list of them")
+    images = _images_per_model(image, len(nets), "control_image", "ControlNets")
+    scales = _per_model(scale, len(nets), "controlnet_conditioning_scale", "ControlNets")
+    for name, value in (("control_guidance_start", start), ("control_guidance_end", end)):
+        for v in _listed(value):
+            _number(v, name)
+    starts, ends = guidance_ranges(len(nets), start, end)
+    if not isinstance(guess_mode, bool | np.bool_):
+        raise TypeError(f"guess_mode must be True or False, got {guess_mode!r}")
+    return ControlOptions(tuple(nets), tuple(images), tuple(scales), tuple(starts), tuple(ends), bool(guess_mode))
+
+
+def _adapter_options(adapter: Any, image: Any, scale: Any, factor: Any) -> AdapterOptions | None:
+    if adapter is None:
+        if image is not None:
+            raise ValueError("adapter_image was given without adapter=")
+        return None
+    from sdjax.t2i_adapter import T2IAdapterModel
+
+    adapters = _listed(adapter)
+    if not adapters or not all(isinstance(a, T2IAdapterModel) for a in adapters):
+        raise TypeError("adapter must be a T2I-Adapter from sdjax.load_t2i_adapter(path) or a list of them")
+    images = _images_per_model(image, len(adapters), "adapter_image", "T2I-Adapters")
+    scales = _per_model(scale, len(adapters), "adapter_conditioning_scale", "T2I-Adapters")
+    factor = _number(factor, "adapter_conditioning_factor")
+    if not 0.0 <= factor <= 1.0:
+        raise ValueError(f"adapter_conditioning_factor must be in [0, 1], got {factor}")
+    return AdapterOptions(tuple(adapters), tuple(images), tuple(scales), factor)
+
+
+def _ip_adapter_options(adapter: Any, image: Any, scale: Any) -> IPAdapterOptions | None:
+    adapters: list[Any] = []
+    if adapter is not None:
+        from sdjax.ip_adapter import IPAdapter
+
+        adapters = _listed(adapter)
+        if not all(isinstance(a, IPAdapter) for a in adapters):
+            raise TypeError("ip_adapter must be an IP-Adapter from sdjax.load_ip_adapter(...) or a list of them "
+                            "(or use pipe.with_ip_adapter(path, image_encoder=FOLDER))")
+    if image is None:
+        if adapters or scale is not None:
+            raise ValueError("ip_adapter_image is missing: an IP-Adapter needs an image")
+        return None
+    # As diffusers: one entry per adapter (each an image or a list of images); the number of adapters is the
+    # pipeline's plus these, which prepare() checks.
+    images = _listed(image)
+    for v in images:
+        if isinstance(v, str | bytes) or hasattr(v, "__fspath__"):
+            raise TypeError("ip_adapter_image: give PIL images or arrays, not a path")
+    scales = None if scale is None else tuple(_number(v, "ip_adapter_scale") for v in _listed(scale))
+    return IPAdapterOptions(tuple(adapters), tuple(images), scales)
 
 
 def check_seed(seed: Any) -> int:

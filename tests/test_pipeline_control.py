@@ -1,0 +1,220 @@
+"""ControlNet, T2I-Adapter and IP-Adapter through the generation API, against diffusers' pipelines on the tiny models:
+StableDiffusionControlNetPipeline (one and two ControlNets, guess mode, start/end), its img2img and inpaint
+variants, StableDiffusionXLControlNetPipeline, StableDiffusionAdapterPipeline and load_ip_adapter. Same
+starting latents on both sides; final images within 2e-3. Checks are grouped to reuse compiles."""
+
+from __future__ import annotations
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+import sdjax
+from tests.conftest import (
+    GUIDANCE,
+    HEIGHT,
+    PROMPTS,
+    STEPS,
+    WIDTH,
+    FixedNoise,
+    assert_differ,
+    assert_images_close,
+    input_images,
+    noise,
+)
+from tests.reference.control_models import controlnet_for
+from tests.test_pipeline import CompileCounter, masks
+
+pytestmark = pytest.mark.usefixtures("fast_compile")
+SAMPLER = "ddim"
+
+
+@pytest.fixture(scope="module")
+def nets(tiny, tmp_path_factory):
+    """{kind: [(torch ControlNet, sdjax ControlNet), ...]}: two random ControlNets for SD1, one for SDXL."""
+    out = {}
+    for kind, seeds in (("sd1", (3, 4)), ("sdxl", (5,))):
+        out[kind] = []
+        for seed in seeds:
+            torch_net = controlnet_for(tiny(kind).torch_pipe.unet, seed)
+            folder = tmp_path_factory.mktemp(f"controlnet_{kind}_{seed}")
+            torch_net.save_pretrained(folder, safe_serialization=True)
+            out[kind].append((torch_net, sdjax.load_controlnet(folder)))
+    return out
+
+
+def reference(tiny, cls, monkeypatch=None, module=None, added=None, prompts=PROMPTS, **kwargs) -> np.ndarray:
+    """A diffusers pipeline of ``cls`` on the tiny model's components with DDIM; image tasks get ``added`` as
+    their one noise draw."""
+    pipe = cls.from_pipe(tiny.torch_pipe, **{k: kwargs.pop(k) for k in ("controlnet", "adapter") if k in kwargs})
+    pipe.scheduler = DDIMScheduler.from_config(tiny.scheduler_config)
+    pipe.set_progress_bar_config(disable=True)
+    if added is not None:
+        monkeypatch.setattr(f"{module}.randn_tensor", FixedNoise(added))
+    else:
+        kwargs["latents"] = torch.from_numpy(noise(len(prompts)))
+    with torch.no_grad():
+        return pipe(prompts, num_inference_steps=STEPS, guidance_scale=GUIDANCE, output_type="np",
+                    generator=torch.Generator().manual_seed(0), **kwargs).images
+
+
+def options(**kwargs):
+    return dict(sampler=SAMPLER, num_steps=STEPS, guidance_scale=GUIDANCE, **kwargs)
+
+
+def test_sd1_controlnet_text_to_image(tiny, nets, monkeypatch) -> None:
+    sd1 = tiny("sd1")
+    (torch_a, net_a), (torch_b, net_b) = nets["sd1"]
+    cls = diffusers.StableDiffusionControlNetPipeline
+    control = input_images(5, 2)
+    latents = noise(2)
+    compiles = CompileCounter(monkeypatch)
+
+    def t2i(**kwargs):
+        return sd1.pipe.text_to_image(PROMPTS, latents=latents, height=HEIGHT, width=WIDTH, **options(**kwargs))
+
+    # one ControlNet: scale and start/end are traced, so the three share one compile
+    runs = {}
+    for scale, start, end in ((0.8, 0.0, 1.0), (1.3, 0.2, 0.8), (0.5, 0.4, 1.0)):
+        runs[scale] = actual = t2i(controlnet=net_a, control_image=control[0], controlnet_conditioning_scale=scale,
+                                   control_guidance_start=start, control_guidance_end=end)
+        expected = reference(sd1, cls, controlnet=torch_a, image=control[0], height=HEIGHT, width=WIDTH,
+                             controlnet_conditioning_scale=scale, control_guidance_start=start,
+                             control_guidance_end=end)
+        assert_images_close(actual, expected, f"SD1 ControlNet scale={scale} start={start} end={end}")
+    assert compiles.take() <= 1
+    assert_differ(runs[0.8], runs[1.3], "the conditioning scale and start/end")
+    assert_differ(runs[0.8], t2i(), "the ControlNet")
+
+    # two ControlNets (MultiControlNet), each its own image
+    multi = dict(controlnet_conditioning_scale=[0.7, 1.2], control_guidance_start=[0.0, 0.2],
+                 control_guidance_end=[0.6, 1.0])
+    actual = t2i(controlnet=[net_a, net_b], control_image=[control[1], control[0]], **multi)
+    expected = reference(sd1, cls, controlnet=[torch_a, torch_b], image=[control[1], control[0]], height=HEIGHT,
+                         width=WIDTH, **multi)
+    assert_images_close(actual, expected, "SD1 MultiControlNet")
+
+    # guess mode: the ControlNet on the conditional pass only, the unconditional pass without residuals
+    actual = t2i(controlnet=net_a, control_image=control[0], guess_mode=True, controlnet_conditioning_scale=0.9)
+    expected = reference(sd1, cls, controlnet=torch_a, image=control[0], height=HEIGHT, width=WIDTH,
+                         guess_mode=True, controlnet_conditioning_scale=0.9)
+    assert_images_close(actual, expected, "SD1 ControlNet guess mode")
+
+
+def test_sd1_controlnet_image_to_image_and_inpaint(tiny, nets, monkeypatch) -> None:
+    sd1 = tiny("sd1")
+    torch_a, net_a = nets["sd1"][0]
+    images, control, added = input_images(), input_images(5, 2), noise(seed=5)
+    for strength, start, end in ((0.6, 0.0, 1.0), (0.8, 0.25, 0.75)):
+        kwargs = dict(controlnet_conditioning_scale=0.9, control_guidance_start=start, control_guidance_end=end)
+        expected = reference(sd1, diffusers.StableDiffusionControlNetImg2ImgPipeline, monkeypatch,
+                             "diffusers.pipelines.controlnet.pipeline_controlnet_img2img", added,
+                             controlnet=torch_a, image=images, control_image=control, strength=strength, **kwargs)
+        actual = sd1.pipe.image_to_image(PROMPTS, images, strength=strength, latents=added, controlnet=net_a,
+                                         control_image=control, **options(**kwargs))
+        assert_images_close(actual, expected, f"SD1 ControlNet img2img strength={strength} start={start} end={end}")
+
+    # inpainting with an ordinary (4-channel) UNet
+    kwargs = dict(controlnet_conditioning_scale=1.1, control_guidance_end=0.8)
+    expected = reference(sd1, diffusers.StableDiffusionControlNetInpaintPipeline, monkeypatch,
+                         "diffusers.pipelines.controlnet.pipeline_controlnet_inpaint", added, controlnet=torch_a,
+                         image=images, mask_image=masks(), control_image=control, strength=1.0, height=HEIGHT,
+                         width=WIDTH, **kwargs)
+    actual = sd1.pipe.inpaint(PROMPTS, images, masks(), latents=added, controlnet=net_a, control_image=control,
+                              **options(**kwargs))
+    assert_images_close(actual, expected, "SD1 ControlNet inpaint")
+
+
+def test_sdxl_controlnet_text_to_image(tiny, nets) -> None:
+    sdxl = tiny("sdxl")
+    torch_net, net = nets["sdxl"][0]
+    control = input_images(7, 1)[0]
+    kwargs = dict(controlnet_conditioning_scale=0.8, control_guidance_start=0.2)
+    expected = reference(sdxl, diffusers.StableDiffusionXLControlNetPipeline, controlnet=torch_net, image=control,
+                         height=HEIGHT, width=WIDTH, **kwargs)
+    actual = sdxl.pipe.text_to_image(PROMPTS, latents=noise(2), height=HEIGHT, width=WIDTH, controlnet=net,
+                                     control_image=control, **options(**kwargs))
+    assert_images_close(actual, expected, "SDXL ControlNet")
+
+
+def test_t2i_adapter_text_to_image(tiny, tmp_path) -> None:
+    from tests.test_t2i_adapter import build
+
+    sd1 = tiny("sd1")
+    torch_adapter = build("full", seed=11)
+    torch_adapter.save_pretrained(tmp_path)
+    adapter = sdjax.load_t2i_adapter(tmp_path)
+    images = input_images(9, 2)
+    expected = reference(sd1, diffusers.StableDiffusionAdapterPipeline, adapter=torch_adapter, image=images,
+                         height=HEIGHT, width=WIDTH, adapter_conditioning_scale=0.7)
+    actual = sd1.pipe.text_to_image(PROMPTS, latents=noise(2), height=HEIGHT, width=WIDTH, adapter=adapter,
+                                    adapter_image=images, adapter_conditioning_scale=0.7, **options())
+    assert_images_close(actual, expected, "SD1 T2I-Adapter")
+
+
+def test_ip_adapter_text_to_image(tiny, tmp_path) -> None:
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from tests.test_ip_adapter import build_image_encoder, ip_adapter_state
+
+    sd1 = tiny("sd1")
+    torch_pipe = sd1.fresh_torch()
+    models = tmp_path / "models"
+    build_image_encoder(models / "image_encoder")
+    state = ip_adapter_state(torch_pipe.unet, False, 1)
+    save_file({f"{part}.{k}": v.contiguous() for part, d in state.items() for k, v in d.items()},
+              str(models / "ip-adapter_tiny.safetensors"))
+    torch_pipe.load_ip_adapter(str(tmp_path), subfolder="models", image_encoder_folder="image_encoder",
+                               weight_name="ip-adapter_tiny.safetensors")
+    torch_pipe.set_ip_adapter_scale(0.6)
+    torch_pipe.scheduler = DDIMScheduler.from_config(sd1.scheduler_config)
+    torch_pipe.set_progress_bar_config(disable=True)
+    rng = np.random.default_rng(3)
+    image = Image.fromarray(rng.integers(0, 256, (41, 37, 3), dtype=np.uint8))
+    prompt = PROMPTS[:1]
+    with torch.no_grad():
+        expected = torch_pipe(prompt, ip_adapter_image=image, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                              latents=torch.from_numpy(noise(1)), height=HEIGHT, width=WIDTH, output_type="np").images
+    pipe = sd1.pipe.with_ip_adapter(models / "ip-adapter_tiny.safetensors", image_encoder=models / "image_encoder",
+                                    scale=0.6)
+    assert "to_k_ip_0" not in str(sd1.pipe.params["unet"].keys())  # the original pipeline is untouched
+    actual = pipe.text_to_image(prompt, latents=noise(1), height=HEIGHT, width=WIDTH, ip_adapter_image=image,
+                                **options())
+    assert_images_close(actual, expected, "SD1 IP-Adapter")
+    off = pipe.text_to_image(prompt, latents=noise(1), height=HEIGHT, width=WIDTH, ip_adapter_image=image,
+                             ip_adapter_scale=0.0, **options())
+    assert_differ(actual, off, "the IP-Adapter scale")
+    with pytest.raises(ValueError, match="ip_adapter_image"):
+        pipe.text_to_image(prompt, height=HEIGHT, width=WIDTH, **options())
+
+
+def test_bad_control_options_name_the_keyword(tiny, nets) -> None:
+    sd1 = tiny("sd1")
+    net = nets["sd1"][0][1]
+    image = input_images(1, 1)[0]
+    t2i = sd1.pipe.text_to_image
+    with pytest.raises(ValueError, match="control_image"):
+        t2i(PROMPTS, controlnet=net)
+    with pytest.raises(ValueError, match="controlnet="):
+        t2i(PROMPTS, control_image=image)
+    with pytest.raises(TypeError, match="controlnet must be"):
+        t2i(PROMPTS, controlnet="control_v11p_sd15_canny.pth", control_image=image)
+    with pytest.raises(ValueError, match="controlnet_conditioning_scale"):
+        t2i(PROMPTS, controlnet=[net, net], control_image=[image, image], controlnet_conditioning_scale=[1, 2, 3])
+    with pytest.raises(ValueError, match="control_image"):
+        t2i(PROMPTS, controlnet=[net, net], control_image=[image])
+    with pytest.raises(ValueError, match="control_guidance_start"):
+        t2i(PROMPTS, controlnet=net, control_image=image, control_guidance_start=0.9, control_guidance_end=0.5)
+    with pytest.raises(TypeError, match="guess_mode"):
+        t2i(PROMPTS, controlnet=net, control_image=image, guess_mode="yes")
+    with pytest.raises(TypeError, match="control_image"):
+        t2i(PROMPTS, controlnet=net, control_image="edges.png")
+    with pytest.raises(ValueError, match="control_image"):
+        t2i(PROMPTS, controlnet=net, control_image=input_images(1, 3), height=HEIGHT, width=WIDTH)
+    with pytest.raises(ValueError, match="adapter_image"):
+        t2i(PROMPTS, adapter_image=image)
+    with pytest.raises(ValueError, match="ip_adapter_image"):
+        t2i(PROMPTS, ip_adapter_scale=0.5)
