@@ -126,9 +126,11 @@ def _build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--seed", type=int, default=-1,
                           help="seed of the first image; image i gets seed + i; -1 picks a random seed")
 
+    from sdjax import control_cli
     from sdjax.guidance import cli_options
 
     cli_options.add_arguments(gen)
+    control_cli.add_arguments(gen)
 
     size = gen.add_argument_group("size and count")
     size.add_argument("--height", type=int, help="image height, a multiple of 8 (default: the model's size, "
@@ -497,8 +499,13 @@ def _check_args(args: argparse.Namespace) -> None:
                          (args.refiner, "--refiner"), *((e, "--embedding") for e in args.embedding),
                          *((_parse_lora(spec)[0], "--lora") for spec in args.lora)):
         _check_exists(path, option)
+    from sdjax import control_cli
     from sdjax.guidance import cli_options
 
+    try:
+        control_cli.check(args)
+    except control_cli.UsageError as e:
+        raise UsageError(str(e)) from None
     try:
         args.guidance_method = cli_options.build(args)
         if args.guidance_method is not None:
@@ -714,6 +721,9 @@ def _generate(args: argparse.Namespace) -> None:
     _note(f"hashing and loading {args.model or DEFAULT_MODEL_NAME}")
     names = Names(model=_name(args.model), model_hash=short_hash(args.model or DEFAULT_MODEL))
     pipe = _load(args.model, args, vae=args.vae)
+    if args.ip_adapter:
+        _note(f"loading IP-Adapter {args.ip_adapter}")
+        pipe = pipe.with_ip_adapter(args.ip_adapter, image_encoder=args.image_encoder, scale=args.ip_scale)
     if args.vae:
         names.vae, names.vae_hash = _name(args.vae), short_hash(args.vae)
     if "unet" not in config:  # a single file: the checks that need its configs run now
@@ -751,6 +761,13 @@ def _generate(args: argparse.Namespace) -> None:
     if args.guidance_method is not None:  # a method from the guidance options replaces the plain CFG shorthand
         del options["guidance_scale"], options["guidance_rescale"]
         options["guidance"] = args.guidance_method
+    from sdjax import control_cli
+
+    try:
+        control_options, control_fields = control_cli.options(args)
+    except control_cli.UsageError as e:
+        raise UsageError(str(e)) from None
+    options.update(control_options)
     if mesh is not None:
         options["mesh"] = mesh
     if args.prompt_2 is not None:
@@ -796,7 +813,7 @@ def _generate(args: argparse.Namespace) -> None:
         pictures = _decode(decoder, result) if want_latents else result
         for i, picture in enumerate(pictures):
             text = a1111_parameters(args, seed + i, picture.width, picture.height, names,
-                                    extra=cli_options.metadata(args))
+                                    extra={**cli_options.metadata(args), **control_fields})
             path = _write_numbered(out_dir, seed + i, args.format, lambda p, pic=picture, t=text: save_image(pic, p, t))
             written.append(path)
             if latents is not None:
