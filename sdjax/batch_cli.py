@@ -34,8 +34,8 @@ TUPLE_KEYS = ("original_size", "crops_coords_top_left", "target_size", "negative
 DEFAULT_SEED = 0
 
 
-class JobError(Exception):
-    """A bad line or an inconsistent output folder."""
+class JobError(ValueError):
+    """A bad line or an inconsistent output folder (the CLI reports it as one message, exit status 2)."""
 
 
 def add_commands(commands: Any) -> None:
@@ -54,7 +54,7 @@ def add_commands(commands: Any) -> None:
     batch.add_argument("--process-id", type=int)
     batch.add_argument("--distributed", choices=("auto",),
                        help="'auto': jax.distributed.initialize() finds its peers (TPU pods, SLURM)")
-    batch.set_defaults(run=run_batch)
+    batch.set_defaults(run=_run)
 
 
 def _initialize_distributed(args: argparse.Namespace) -> None:
@@ -201,15 +201,6 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-def run_batch(args: argparse.Namespace) -> None:
-    try:
-        _run(args)
-    except JobError as e:
-        from sdjax.cli import UsageError
-
-        raise UsageError(str(e)) from None
 
 
 def _run(args: argparse.Namespace) -> None:
