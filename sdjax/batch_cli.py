@@ -169,6 +169,16 @@ def _rewrite(path: Path, entries: list[dict[str, Any]]) -> None:
     os.replace(tmp, path)
 
 
+def _expected_parameters(path: Path, options: dict[str, Any], seed: int, model_name: str) -> str | None:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return _parameters(options, seed, im.width, im.height, model_name)
+    except OSError:
+        return None
+
+
 def _png_parameters(path: Path) -> str | None:
     from PIL import Image
 
@@ -259,21 +269,23 @@ def _run(args: argparse.Namespace) -> None:
             stale.unlink(missing_ok=True)
 
     # Reconcile the manifest with the files: an entry without its file is redone, a file without an entry gets
-    # one, a file made from other settings is an error (never overwritten).
-    from PIL import Image
-
+    # one, an image of other settings (a listed one: by its entry; else by its PNG metadata) stops the job:
+    # images are never overwritten.
     own_raw = _read_manifest(manifest_path, truncate=True)
-    own, listed = [], set()
+    own: list[dict[str, Any]] = []
+    listed: dict[str, dict[str, Any]] = {}
     for entry in own_raw:
         file = entry.get("file") if isinstance(entry, dict) else None
         if isinstance(file, str) and file not in listed and (out / file).exists():
             own.append(entry)
-            listed.add(file)
+            listed[file] = entry
     if len(own) != len(own_raw):
         _rewrite(manifest_path, own)
-    for other in out.glob("manifest*.jsonl"):  # other processes' (still running: read, never truncate)
+    for other in out.glob("manifest*.jsonl"):  # other processes' (maybe still running: read, never truncate)
         if other != manifest_path:
-            listed |= {e["file"] for e in _read_manifest(other, truncate=False) if isinstance(e, dict) and "file" in e}
+            for entry in _read_manifest(other, truncate=False):
+                if isinstance(entry, dict) and isinstance(entry.get("file"), str):
+                    listed.setdefault(entry["file"], entry)
     todo = []
     with open(manifest_path, "a") as manifest:
         for number, i in units:
@@ -282,15 +294,18 @@ def _run(args: argparse.Namespace) -> None:
             if not path.exists():
                 todo.append((number, i))
                 continue
-            options = mine[number]
-            with Image.open(path) as im:
-                width, height = im.size
-            seed = options.get("seed", DEFAULT_SEED) + i
-            if _png_parameters(path) != _parameters(options, seed, width, height, model_name):
+            expected = _entry(number, i, name, mine[number], None)
+            if name in listed:
+                same = all(listed[name].get(k) == expected[k] for k in ("line", "image", "seed", "settings"))
+            else:
+                found = _png_parameters(path)  # None: unreadable, so not one of ours (ours land whole)
+                same = found is not None and found == _expected_parameters(path, mine[number], expected["seed"],
+                                                                             model_name)
+            if not same:
                 raise JobError(f"{path} exists but was not made from line {number} of {args.prompts}; "
                                "use another --out (images are never overwritten)")
             if name not in listed:
-                _append(manifest, _entry(number, i, name, options, None))
+                _append(manifest, expected)
 
     mesh = parallel.data_mesh(jax.local_devices())
     progress = _Progress(len(units), len(units) - len(todo))

@@ -146,8 +146,18 @@ def test_sigkill_and_resume(prompts: Path, reference: Path, tmp_path: Path) -> N
 
     _run_until_killed(prompts, out, after_delay)
     assert pngs() < IMAGES, "the job finished before the last kill: nothing left to resume"
+    # and the states a kill can leave between two writes, made for sure: an image without its manifest line,
+    # a manifest line cut short, a half-written temporary image; and a listed image deleted by hand
+    manifest = out / "manifest.jsonl"
+    entries = manifest.read_text().splitlines()
+    orphan, deleted = json.loads(entries[-1])["file"], json.loads(entries[0])["file"]
+    manifest.write_text("\n".join(entries[:-1]) + '\n{"line": 1, "ima')
+    (out / deleted).unlink()
+    (out / f".{deleted}.x1y2.tmp").write_bytes(b"\x89PNG half")
     _run(prompts, out)
     _assert_same_job(out, reference)
+    adopted = [e for e in _manifest(out) if e["elapsed"] is None]
+    assert orphan in {e["file"] for e in adopted}
 
 
 def test_on_error_stop(prompts: Path, tmp_path: Path) -> None:
@@ -221,6 +231,6 @@ def test_python_api_on_two_processes(reference: Path, tmp_path: Path) -> None:
                      for i in range(2)))
     got = [np.load(tmp_path / f"{i}.npy").astype(np.int16) for i in range(2)]
     assert np.array_equal(got[0], got[1])
-    expected = np.stack([_pixels(reference / f"000001-{i:03d}.png") for i in range(4)])  # seeds 7..10, one device
+    expected = np.stack([_pixels(reference / f"000001-{i:03d}.png") for i in range(4)])  # seeds 7..10, batches of 2
     differ = np.abs(got[0] - expected)
     assert differ.max() <= 1 and (differ > 0).mean() <= 1e-3
