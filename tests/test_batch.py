@@ -234,3 +234,32 @@ def test_python_api_on_two_processes(reference: Path, tmp_path: Path) -> None:
     expected = np.stack([_pixels(reference / f"000001-{i:03d}.png") for i in range(4)])  # seeds 7..10, batches of 2
     differ = np.abs(got[0] - expected)
     assert differ.max() <= 1 and (differ > 0).mean() <= 1e-3
+
+
+def test_grouping_keys() -> None:
+    """Only preparations of one compiled call share a batch; split and concat give back the request's inputs."""
+    import jax
+
+    import sdjax
+    from sdjax.generation import batch_key, concat, prepare, split
+    from sdjax.jobs import to_request
+
+    pipe = sdjax.load()
+    base = {"prompt": "a red circle", "height": 64, "width": 64, "num_steps": 2}
+    key = lambda **o: batch_key(split(prepare(pipe, to_request(base | o)))[0])  # noqa: E731
+    assert key(seed=3) == key(seed=5) == key(prompt="another prompt", negative_prompt="blurry")
+    for other in ({"sampler": "ddim"}, {"height": 32}, {"num_steps": 3}, {"guidance_scale": 5.0},
+                  {"prompt": "word " * 80}):  # the last: two text chunks, another context length
+        assert key(**other) != key(), other
+    whole = prepare(pipe, to_request(base | {"prompt": ["a", "b"], "num_images": 2, "seed": 11}))
+    parts = split(whole)
+    assert [p.batch for p in parts] == [1] * 4
+    assert [int(p.inputs.keys[0, 1]) for p in parts] == [11, 12, 13, 14]  # PRNGKey(seed + i)
+    merged = concat(parts)
+    assert merged.batch == 4 and merged.plan == whole.plan
+    for a, b in zip(jax.tree.leaves(merged.inputs), jax.tree.leaves(whole.inputs), strict=True):
+        assert np.array_equal(a, b)
+    with pytest.raises(ValueError, match="cannot share a batch"):
+        concat([parts[0], split(prepare(pipe, to_request(base | {"sampler": "ddim"})))[0]])
+    with pytest.raises(ValueError, match="num_images"):
+        to_request(base | {"num_images": 0})
