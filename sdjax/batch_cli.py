@@ -113,7 +113,8 @@ def _request_options(options: dict[str, Any], image: int) -> dict[str, Any]:
     for key in TUPLE_KEYS:
         if isinstance(request.get(key), list):
             request[key] = tuple(request[key])
-    request["seed"] = options.get("seed", DEFAULT_SEED) + image
+    seed = options.get("seed", DEFAULT_SEED)
+    request["seed"] = seed + image if image else seed  # image 0 keeps the value as given: Request checks it
     request["output"] = "pil"
     return request
 
