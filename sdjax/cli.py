@@ -202,6 +202,9 @@ def _build_parser() -> argparse.ArgumentParser:
     export.add_argument("out", help="the diffusers folder to write")
     export.add_argument("--force", action="store_true", help="replace OUT if it exists (default: refuse)")
     export.set_defaults(run=_export)
+    from sdjax import batch_cli
+
+    batch_cli.add_commands(commands)
     return parser
 
 

@@ -53,7 +53,7 @@ def check(args: argparse.Namespace) -> None:
         raise UsageError("--control-image needs --controlnet")
     if args.controlnet and not args.control_image:
         raise UsageError("--controlnet needs --control-image")
-    if len(args.control_image) not in (1, len(args.controlnet or [None])):
+    if args.controlnet and len(args.control_image) not in (1, len(args.controlnet)):
         raise UsageError(f"{len(args.control_image)} --control-image for {len(args.controlnet)} --controlnet "
                          "(give one, or one per ControlNet)")
     if not 0.0 <= args.control_start < args.control_end <= 1.0:

@@ -296,6 +296,53 @@ def _ip_adapter_inputs(pipe: Any, r: Request, batch: int) -> dict[str, Any]:
     return dict(ip_tokens={k: tuple(v) for k, v in tokens.items()}, ip_scales=np.asarray(scales, np.float32))
 
 
+def split(prepared: Prepared) -> list[Prepared]:
+    """One :class:`Prepared` per image: the batched inputs sliced, the rest shared. Each keeps its own key,
+    so an image made from its slice (alone or in any batch) is the image of the whole request."""
+    if prepared.plan.sweep is not None:
+        raise ValueError("a guidance sweep (a list of settings) cannot be split into single images")
+    parts = []
+    for i in range(prepared.batch):
+        fields = {}
+        for field in dataclasses.fields(Inputs):
+            value = getattr(prepared.inputs, field.name)
+            if value is not None and Inputs.is_batched(field.name):
+                value = jax.tree.map(lambda x, i=i: np.asarray(x)[i:i + 1], value)
+            fields[field.name] = value
+        parts.append(Prepared(prepared.plan, Inputs(**fields), prepared.method, 1))
+    return parts
+
+
+def batch_key(prepared: Prepared) -> Any:
+    """Hashable: equal for preparations that can run as one batch of one compiled call (same plan, same shapes
+    of the batched inputs, equal replicated inputs and guidance numbers)."""
+    batched, shared = {}, {}
+    for field in dataclasses.fields(Inputs):
+        value = getattr(prepared.inputs, field.name)
+        (batched if Inputs.is_batched(field.name) else shared)[field.name] = value
+    shapes = jax.tree.map(lambda x: (np.shape(x)[1:], np.asarray(x).dtype.str), batched)
+    leaves, treedef = jax.tree.flatten((shared, prepared.method))
+    values = tuple((np.asarray(v).dtype.str, np.shape(v), np.asarray(v).tobytes()) for v in leaves)
+    return prepared.plan, str(jax.tree.structure(batched)), str(shapes), str(treedef), values
+
+
+def concat(parts: Sequence[Prepared]) -> Prepared:
+    """Several preparations with one :func:`batch_key` as one batch, in order (batched inputs concatenated)."""
+    if not parts:
+        raise ValueError("nothing to concatenate")
+    first = batch_key(parts[0])
+    if any(batch_key(p) != first for p in parts[1:]):
+        raise ValueError("these requests cannot share a batch: their plans, shapes or shared settings differ")
+    fields = {}
+    for field in dataclasses.fields(Inputs):
+        values = [getattr(p.inputs, field.name) for p in parts]
+        if values[0] is not None and Inputs.is_batched(field.name):
+            fields[field.name] = jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs]), *values)
+        else:
+            fields[field.name] = values[0]
+    return Prepared(parts[0].plan, Inputs(**fields), parts[0].method, sum(p.batch for p in parts))
+
+
 def _time_ids(pipe: Any, r: Request, height: int, width: int, batch: int) -> dict[str, np.ndarray]:
     o = r.sdxl
     size = (height, width)
