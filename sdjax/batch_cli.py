@@ -54,6 +54,9 @@ def add_commands(commands: Any) -> None:
     batch.add_argument("--process-id", type=int)
     batch.add_argument("--distributed", choices=("auto",),
                        help="'auto': jax.distributed.initialize() finds its peers (TPU pods, SLURM)")
+    from sdjax import warmup_cli
+
+    warmup_cli.add_cache_flags(batch)
     batch.set_defaults(run=_run)
 
 
@@ -224,6 +227,9 @@ def _run(args: argparse.Namespace) -> None:
         raise JobError(f"--out {out} exists and is not a folder")
     lines = list(read_lines(Path(args.prompts)))
     _initialize_distributed(args)
+    from sdjax import warmup_cli
+
+    warmup_cli.apply_cache_flags(args)  # before any compile: JAX fixes its cache folder then
 
     import jax
     import jax.numpy as jnp

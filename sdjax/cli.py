@@ -205,6 +205,10 @@ def _build_parser() -> argparse.ArgumentParser:
     from sdjax import batch_cli
 
     batch_cli.add_commands(commands)
+    from sdjax import warmup_cli
+
+    warmup_cli.add_commands(commands)
+    warmup_cli.add_cache_flags(gen)
     return parser
 
 
@@ -663,8 +667,10 @@ class _CompileClock:
         jax.monitoring.register_event_duration_secs_listener(self._on_event)
 
     def _on_event(self, event: str, duration: float, **_: Any) -> None:
+        from sdjax.compile_cache import LOAD_EVENT
+
         if event in ("/jax/core/compile/backend_compile_duration", "/jax/core/compile/jaxpr_trace_duration",
-                     "/jax/core/compile/jaxpr_to_mlir_module_duration"):
+                     "/jax/core/compile/jaxpr_to_mlir_module_duration", LOAD_EVENT):
             self.seconds += duration
 
 
@@ -700,6 +706,9 @@ def _decode(pipe: Any, latents: Any) -> list[Any]:
 
 def _generate(args: argparse.Namespace) -> None:
     _check_args(args)
+    from sdjax import warmup_cli
+
+    warmup_cli.apply_cache_flags(args)  # the compile cache, on by default: before any compile
     image, mask = _prepare_images(args)
     height, width = (image.height, image.width) if image is not None else (args.height, args.width)
     import jax

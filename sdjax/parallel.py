@@ -1,5 +1,9 @@
 """Data parallelism: a ``"data"`` mesh over every device, replicated params, sharded batches, per-image keys.
 
+Params too big for one device: ``mesh(data=D, fsdp=F)`` adds a second axis ``"fsdp"``; :func:`param_shardings`
+splits each param's largest axis that F divides over it (replicated over ``"data"``), and XLA gathers the
+pieces where they are used. The batch stays sharded over ``"data"`` only.
+
 An image depends only on its seed: image i of a request with seed s draws from ``PRNGKey(s + i)``, so it is
 the image seed s + i gives alone (A1111's convention). Batches are padded up to a multiple of the device
 count (padding images are computed and dropped), so neither batch size nor device count changes any image.
@@ -15,6 +19,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 DATA = "data"
+FSDP = "fsdp"
 
 
 def data_mesh(devices: list[jax.Device] | None = None) -> Mesh:
@@ -24,6 +29,45 @@ def data_mesh(devices: list[jax.Device] | None = None) -> Mesh:
     if devices is None:
         return jax.make_mesh((jax.device_count(),), (DATA,), axis_types=auto)
     return Mesh(np.asarray(devices), (DATA,), axis_types=auto)
+
+
+def mesh(data: int | None = None, fsdp: int = 1, devices: list[jax.Device] | None = None) -> Mesh:
+    """A ``("data", "fsdp")`` mesh of ``data * fsdp`` devices (``data`` default: all the devices ``fsdp``
+    leaves); ``fsdp=1`` is :func:`data_mesh`. Params placed on it are sharded over ``"fsdp"``."""
+    devices = list(jax.devices() if devices is None else devices)
+    if not isinstance(fsdp, int) or fsdp < 1 or len(devices) % fsdp:
+        raise ValueError(f"fsdp={fsdp!r}: must be a positive integer dividing the {len(devices)} devices")
+    data = len(devices) // fsdp if data is None else data
+    if not isinstance(data, int) or data < 1 or data * fsdp > len(devices):
+        raise ValueError(f"data={data!r}, fsdp={fsdp}: needs data * fsdp <= {len(devices)} devices")
+    if fsdp == 1:
+        return data_mesh(devices[:data])
+    grid = np.asarray(devices[: data * fsdp]).reshape(data, fsdp)
+    return Mesh(grid, (DATA, FSDP), axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def fsdp_size(mesh: Mesh) -> int:
+    return mesh.shape.get(FSDP, 1)
+
+
+def param_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
+    """The largest axis that the ``"fsdp"`` size divides goes over ``"fsdp"``; small or indivisible params
+    (norms, biases of odd sizes) stay replicated."""
+    n = fsdp_size(mesh)
+    axes = [a for a in range(len(shape)) if shape[a] % n == 0 and shape[a] >= n]
+    if n == 1 or not axes:
+        return replicated(mesh)
+    axis = max(axes, key=lambda a: (shape[a], -a))
+    spec = [None] * len(shape)
+    spec[axis] = FSDP
+    return NamedSharding(mesh, P(*spec))
+
+
+def place_params(params: Any, mesh: Mesh) -> Any:
+    """Params on the mesh: replicated, or sharded over ``"fsdp"`` when the mesh has that axis."""
+    if fsdp_size(mesh) == 1:
+        return jax.device_put(params, replicated(mesh))
+    return jax.tree.map(lambda x: jax.device_put(x, param_sharding(mesh, np.shape(x))), params)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -322,16 +322,19 @@ def _decode_fn(model: Model, params: Mapping[str, Any]) -> Callable[[jax.Array],
     return functools.partial(decode_latents, model.vae, params["vae"])
 
 
-def denoise(model: Model, plan: Plan, params: Mapping[str, Any], inputs: Inputs, method: Method) -> jax.Array:
-    """Latents (B, h, w, C) NHWC in the VAE's scaled space ((K, B, ...) for a sweep). Traceable."""
+def denoise(model: Model, plan: Plan, params: Mapping[str, Any], inputs: Inputs, method: Method, *,
+            step_progress: bool = False) -> jax.Array:
+    """Latents (B, h, w, C) NHWC in the VAE's scaled space ((K, B, ...) for a sweep). Traceable.
+    ``step_progress``: report each step to the host (a host callback: such an executable is not cacheable)."""
     if plan.sweep is not None:
-        one = functools.partial(_denoise_one, model, dataclasses.replace(plan, sweep=None), params, inputs)
+        one = functools.partial(_denoise_one, model, dataclasses.replace(plan, sweep=None), params, inputs,
+                                step_progress=step_progress)
         return jax.vmap(one, in_axes=(sweep_axes(method),))(method)
-    return _denoise_one(model, plan, params, inputs, method)
+    return _denoise_one(model, plan, params, inputs, method, step_progress=step_progress)
 
 
-def _denoise_one(model: Model, plan: Plan, params: Mapping[str, Any], inputs: Inputs, method: Method
-                 ) -> jax.Array:
+def _denoise_one(model: Model, plan: Plan, params: Mapping[str, Any], inputs: Inputs, method: Method, *,
+                 step_progress: bool = False) -> jax.Array:
     keys = inputs.keys
     noise = inputs.noise
     if noise is None:
@@ -349,7 +352,8 @@ def _denoise_one(model: Model, plan: Plan, params: Mapping[str, Any], inputs: In
         x = noise * schedule.init_noise_sigma
 
     def post_step(i: jax.Array, x: jax.Array) -> jax.Array:
-        jax.debug.callback(_report_progress, i)
+        if step_progress:
+            jax.debug.callback(_report_progress, i)
         return x if blend_step is None else blend_step(i, x)
 
     passes_fn = _passes_fn(model, plan, params, inputs, extra_channels, schedule, start)
@@ -358,12 +362,13 @@ def _denoise_one(model: Model, plan: Plan, params: Mapping[str, Any], inputs: In
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled(model: Model, plan: Plan) -> Callable:
-    """``fn(params, inputs, method)``, jitted (a new guidance kind or structure retraces, numbers do not)."""
-    return jax.jit(functools.partial(denoise, model, plan))
+def _compiled(model: Model, plan: Plan, step_progress: bool = False) -> Callable:
+    """``fn(params, inputs, method)``, jitted (a new guidance kind or structure retraces, numbers do not).
+    Only ``step_progress=True`` has the host callback; without it the executable can be cached and serialized."""
+    return jax.jit(functools.partial(denoise, model, plan, step_progress=step_progress))
 
 
-# The loop reports each finished step to the host; the reporter of the run in progress (if any) shows it.
+# With step_progress the loop reports each finished step to the host; the run's reporter (if any) shows it.
 _progress: dict[str, Any] = {"report": None, "last": -1, "total": 0}
 
 

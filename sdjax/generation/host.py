@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from sdjax import images, parallel, text
+from sdjax import compile_cache, images, parallel, text
 from sdjax.generation import core
 from sdjax.generation.core import COND, EMPTY, INPAINT, LATENT_IMAGE, TEXT, UNCOND, Inputs, Model, Plan
 from sdjax.generation.request import Request
@@ -390,7 +390,7 @@ def place(pipe: Any, prepared: Prepared, mesh: Any) -> tuple[Any, Inputs, Method
     method = jax.device_put(prepared.method, parallel.replicated(mesh))
     if mesh not in pipe.device_params:
         pipe.device_params.clear()  # one placement at a time: params can be gigabytes
-        pipe.device_params[mesh] = jax.device_put(pipe.params, parallel.replicated(mesh))
+        pipe.device_params[mesh] = parallel.place_params(pipe.params, mesh)
     return pipe.device_params[mesh], Inputs(**placed), method
 
 
@@ -399,12 +399,24 @@ def execute(pipe: Any, prepared: Prepared, *, mesh: Any = None, progress: Callab
     """Run the jitted core over the ``data`` mesh; returns the latents without the padding."""
     mesh = mesh or parallel.data_mesh()
     params, inputs, method = place(pipe, prepared, mesh)
-    core._progress.update(report=progress, last=-1, total=prepared.plan.num_steps)
+    model, plan = Model.of(pipe), prepared.plan
+    # Step-by-step progress needs a host callback in the loop, which JAX can neither cache nor serialize: with
+    # the compile cache on, the loop runs without it and the steps are reported when it finishes.
+    step_progress = progress is not None and compile_cache.directory() is None
+    args = (params, inputs, method)
+    if step_progress:
+        fn = core._compiled(model, plan, True)
+    else:
+        fn = compile_cache.compiled("denoise", (model, plan), core._compiled(model, plan), args)
+    core._progress.update(report=progress if step_progress else None, last=-1, total=plan.num_steps)
     try:
-        out = core._compiled(Model.of(pipe), prepared.plan)(params, inputs, method)
+        out = fn(*args)
         out.block_until_ready()
     finally:
         core._progress.update(report=None)
+    if progress is not None and not step_progress:
+        for step in range(plan.num_steps):
+            progress(step + 1, plan.num_steps)
     if not out.is_fully_addressable:
         # Several hosts (jax.distributed): every process passed the whole request; gather the images to each.
         from jax.experimental import multihost_utils
@@ -424,7 +436,8 @@ def decode(pipe: Any, latents: jax.Array, output: str) -> Any:
     if should_tile(flat.shape[1] * f, flat.shape[2] * f):  # large images: overlapping tiles, bounded memory
         pixels = np.asarray(decode_latents(pipe.vae, pipe.params["vae"], flat))
     else:
-        pixels = np.asarray(core._decoder(pipe.vae)(pipe.params["vae"], flat))
+        args = (pipe.params["vae"], flat)
+        pixels = np.asarray(compile_cache.compiled("decode", pipe.vae, core._decoder(pipe.vae), args)(*args))
     pixels = pixels.reshape(lead + pixels.shape[1:])
     if output == "pil":
         return images.to_pil(pixels) if len(lead) == 1 else [images.to_pil(p) for p in pixels]
