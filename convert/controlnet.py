@@ -19,7 +19,8 @@ import jax
 import numpy as np
 
 from sdjax.convert.safe_load import CheckpointError, read_state_dict
-from sdjax.convert.single_file import _UNET_RESNET, _rename_modules, unet_module_table
+from sdjax.convert.single_file.common import _rename_modules
+from sdjax.convert.single_file.unet import _UNET_RESNET, unet_module_table
 from sdjax.convert.weights import Params, to_flax_params
 from sdjax.models.config import read_json
 from sdjax.models.controlnet import ControlNetConfig, ControlNetModel, example_inputs
