@@ -97,7 +97,7 @@ def controlnet_to_ldm(state: Mapping[str, torch.Tensor], config: Mapping[str, An
     layers = config["layers_per_block"] if "layers_per_block" in config else 2
     down = config["down_block_types"]
     up = ["CrossAttnUpBlock2D" if "CrossAttn" in t else "UpBlock2D" for t in reversed(down)]
-    out.update(unet_to_ldm(encoder, {"layers_per_block": layers, "up_block_types": up}))
+    out.update(unet_to_ldm(encoder, {"layers_per_block": layers, "up_block_types": up, "down_block_types": down}))
     return {prefix + k: v for k, v in out.items()}
 
 
