@@ -184,15 +184,17 @@ def _build_parser() -> argparse.ArgumentParser:
     merge = commands.add_parser("merge", formatter_class=_Formatter,
                                 help="merge two checkpoints of one architecture (A1111's merger): "
                                      "(1 - alpha) * A + alpha * B, or A + (B - C) * alpha with --subtract")
-    merge.add_argument("a", metavar="A")
-    merge.add_argument("b", metavar="B")
-    merge.add_argument("out", metavar="OUT")
+    merge.add_argument("a", metavar="A", help="the first checkpoint (any format)")
+    merge.add_argument("b", metavar="B", help="the second checkpoint, of A's architecture")
+    merge.add_argument("out", metavar="OUT", help="where to write the merged model")
     merge.add_argument("--alpha", type=float, required=True, help="B's weight (0.3: 70%% A, 30%% B)")
-    merge.add_argument("--subtract", metavar="C", help="add difference: A + (B - C) * alpha")
+    merge.add_argument("--subtract", metavar="C", help="add difference: A + (B - C) * alpha (default: weighted sum)")
     merge.add_argument("--format", choices=("sdjax", "safetensors"), default="sdjax",
                        help="an sdjax checkpoint folder (default) or one .safetensors file in the original layout")
-    merge.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="cast the params when writing")
-    merge.add_argument("--config", metavar="FOLDER", help="configs for single-file inputs (as convert's --config)")
+    merge.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                       help="cast the params when writing (default: keep)")
+    merge.add_argument("--config", metavar="FOLDER",
+                       help="configs for single-file inputs (as convert's --config) (default: none)")
     merge.add_argument("--force", action="store_true", help="replace OUT if it exists (default: refuse)")
     merge.set_defaults(run=_merge)
 
@@ -209,6 +211,16 @@ def _build_parser() -> argparse.ArgumentParser:
 
     warmup_cli.add_commands(commands)
     warmup_cli.add_cache_flags(gen)
+    for sub in commands.choices.values():  # every option's help names its default
+        for action in sub._actions:
+            if action.option_strings and action.required and "required" not in (action.help or ""):
+                action.help = f"{action.help or ''} (required)"
+            elif action.option_strings and action.help != argparse.SUPPRESS and "default" not in (action.help or ""):
+                off = action.default in (None, False, [])
+                action.help = (action.help or action.dest.replace("_", " ")) + (
+                    " (default: off)" if off else f" (default: {action.default})")
+            elif not action.option_strings and action.help is None and action.dest != "help":
+                action.help = action.dest
     return parser
 
 

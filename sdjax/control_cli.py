@@ -25,9 +25,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--guess-mode", action="store_true", help="ControlNet on the conditional pass only")
     group.add_argument("--ip-adapter", metavar="PATH", help="ip-adapter*.safetensors / .bin file")
     group.add_argument("--ip-image", metavar="IMG", help="the IP-Adapter's image prompt")
-    group.add_argument("--ip-scale", type=float, default=1.0)
+    group.add_argument("--ip-scale", type=float, default=1.0, help="weight of the IP-Adapter's image prompt")
     group.add_argument("--image-encoder", metavar="FOLDER", help="CLIP vision folder for --ip-adapter "
                      "(h94's models/image_encoder)")
+    for action in group._group_actions:  # every option's help names its default
+        if action.help and "default" not in action.help:
+            off = action.default in (None, False, [])
+            action.help += " (default: off)" if off else f" (default: {action.default})"
 
 
 def open_image(path: str, what: str) -> Any:

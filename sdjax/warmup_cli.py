@@ -22,7 +22,7 @@ def add_cache_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", help="compile cache folder (default: $SDJAX_CACHE_DIR, else "
                         "$XDG_CACHE_HOME/sdjax/jax or ~/.cache/sdjax/jax)")
     parser.add_argument("--no-cache", action="store_true", help="compile from scratch; write no cache "
-                        "(also SDJAX_NO_CACHE=1)")
+                        "(also SDJAX_NO_CACHE=1) (default: the cache is on)")
 
 
 def apply_cache_flags(args: argparse.Namespace) -> Any:

@@ -57,6 +57,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--classifier-scale", type=float,
                    help="scale of --classifier-guidance (default: 8 with --sampler ddpm (algorithm 1), else 4)")
 
+    for action in g._group_actions:  # every option's help names its default
+        if action.help and "default" not in action.help:
+            off = action.default in (None, False, [])
+            action.help += " (default: off)" if off else f" (default: {action.default})"
+
 
 def _interval(text: str) -> tuple[float, float]:
     try:
