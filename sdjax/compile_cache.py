@@ -99,7 +99,9 @@ def compiled(name: str, static: Hashable, jitted: Callable, args: tuple) -> Call
     """``jitted`` compiled for ``args``: from this process's memory, the folder's serialized executables, or
     traced and compiled now (and stored). Without :func:`enable`, ``jitted`` itself."""
     folder = directory()
-    if folder is None:
+    if folder is None or jax.process_count() > 1:
+        # Several processes: an executable is tied to the global device set, and deserializing one made with
+        # another layout aborts inside XLA; JAX's own persistent cache still applies there.
         return jitted
     key = key_of(name, static, args)
     if key in _loaded:
