@@ -38,7 +38,13 @@ class JobError(ValueError):
     """A bad line or an inconsistent output folder (the CLI reports it as one message, exit status 2)."""
 
 
-def add_commands(commands: Any) -> None:
+# The A1111 text writer of ``sdjax generate``, handed over by sdjax.cli when it registers this command (an
+# import of sdjax.cli here would close an import cycle).
+_WRITER: dict[str, Any] = {}
+
+
+def add_commands(commands: Any, *, names: Any = None, parameters: Any = None) -> None:
+    _WRITER.update(names=names, parameters=parameters)
     """Register ``sdjax batch`` on the ``sdjax`` parser's subcommands."""
     batch = commands.add_parser("batch", help="generate every image of a JSON-lines prompt file (resumable)")
     batch.add_argument("--model", help="diffusers folder, single-file checkpoint or sdjax checkpoint "
@@ -124,8 +130,7 @@ def _request_options(options: dict[str, Any], image: int) -> dict[str, Any]:
 
 def _parameters(options: dict[str, Any], seed: int, width: int, height: int, model_name: str) -> str:
     """The A1111 ``parameters`` text of one image, by the same writer as ``sdjax generate``."""
-    from sdjax.cli import Names, a1111_parameters
-
+    names, a1111_parameters = _WRITER["names"], _WRITER["parameters"]
     args = types.SimpleNamespace(
         prompt=options["prompt"], negative_prompt=options.get("negative_prompt"),
         steps=options.get("num_steps", 30), sampler=options.get("sampler", "euler"),
@@ -134,7 +139,7 @@ def _parameters(options: dict[str, Any], seed: int, width: int, height: int, mod
         eta=options.get("eta"), prompt_2=options.get("prompt_2"), negative_prompt_2=options.get("negative_prompt_2"),
         image=None, mask=None, strength=None, refiner_switch=None, dtype="float32",
     )
-    return a1111_parameters(args, seed, width, height, Names(model=model_name))  # seed + i alone gives the image
+    return a1111_parameters(args, seed, width, height, names(model=model_name))  # seed + i alone gives the image
 
 
 def _read_manifest(path: Path, *, truncate: bool) -> list[Any]:

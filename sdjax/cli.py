@@ -206,7 +206,7 @@ def _build_parser() -> argparse.ArgumentParser:
     export.set_defaults(run=_export)
     from sdjax import batch_cli
 
-    batch_cli.add_commands(commands)
+    batch_cli.add_commands(commands, names=Names, parameters=a1111_parameters)
     from sdjax import warmup_cli
 
     warmup_cli.add_commands(commands)
