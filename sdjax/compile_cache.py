@@ -31,6 +31,16 @@ _loaded: dict[str, Any] = {}  # key -> compiled executable, this process
 # made of JAX's compile events should add LOAD_EVENT's durations: on a hit JAX traces and compiles nothing).
 stats: dict[str, float] = {"load_seconds": 0.0, "hits": 0, "misses": 0}
 LOAD_EVENT = "/sdjax/compile/executable_cache_duration"
+_JAX_CACHE_HIT = "/jax/compilation_cache/cache_hits"
+_jax_cache_hits = [0]  # JAX's persistent-cache hits in this process, counted by _count_hit
+
+
+def _count_hit(event: str, **_: Any) -> None:
+    if event == _JAX_CACHE_HIT:
+        _jax_cache_hits[0] += 1
+
+
+jax.monitoring.register_event_listener(_count_hit)
 
 
 def default_dir() -> Path:
@@ -111,8 +121,12 @@ def compiled(name: str, static: Hashable, jitted: Callable, args: tuple) -> Call
     fn = _load(path, args)
     if fn is None:
         stats["misses"] += 1
+        hits = _jax_cache_hits[0]
         fn = jitted.lower(*args).compile()  # JAX reports this time itself (its compile events)
-        _store(path, fn)
+        # An executable JAX read back from its own cache serializes incompletely on CPU (the reloaded copy
+        # fails at its first run: "Function ..._fusion not found"), so only fresh compiles are stored.
+        if _jax_cache_hits[0] == hits:
+            _store(path, fn)
     else:
         stats["hits"] += 1
         seconds = time.perf_counter() - start

@@ -104,3 +104,34 @@ def test_cache_folder_settings(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("SDJAX_NO_CACHE", "1")
     assert compile_cache.enable(tmp_path / "off") is None and compile_cache.directory() is None
     assert not (tmp_path / "off").exists()
+
+
+
+REUSED = """
+import sys
+import jax
+import jax.numpy as jnp
+from sdjax import compile_cache
+
+compile_cache.enable(sys.argv[1])
+f = jax.jit(lambda x: jnp.exp(x) * 3.0 + jnp.tanh(x))
+x = jnp.arange(7.0)
+print(float(compile_cache.compiled(sys.argv[2], sys.argv[2], f, (x,))(x).sum()))
+"""
+
+
+def test_executables_jax_read_from_its_cache_are_not_stored(tmp_path) -> None:
+    # On CPU an executable JAX reloaded from its persistent cache serializes without its code; storing it made
+    # the next process fail at the first run ("Function multiply_exponential_fusion not found").
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env.pop("SDJAX_NO_CACHE", None)
+    sums = []
+    # "second" has "first"'s HLO under another key: JAX's own cache answers its compile, twice.
+    for name in ("first", "second", "second", "first"):
+        proc = subprocess.run([sys.executable, "-c", textwrap.dedent(REUSED), str(tmp_path), name], env=env,
+                              cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        sums.append(float(proc.stdout))
+        assert [p.name.split("-")[0] for p in (tmp_path / "executables").glob("*.bin")] == ["first"]
+    assert len(set(sums)) == 1 and sums[0] > 1.0

@@ -71,9 +71,9 @@ def prepare(pipe: Any, request: Request, *, image_index_offset: int = 0) -> Prep
     r = request
     batch = r.batch
     f = pipe.vae_scale_factor
-    if r.sdxl != type(r.sdxl)() and not pipe.is_sdxl:
-        changed = [k.name for k in dataclasses.fields(r.sdxl) if getattr(r.sdxl, k.name) != k.default]
-        raise TypeError(f"{', '.join(changed)}: SDXL-only options, but this is not an SDXL model")
+    if r.sdxl_given and not pipe.is_sdxl:  # passed at all, even at its default: diffusers' SD pipelines refuse it
+        given = [k.name for k in dataclasses.fields(r.sdxl) if k.name in r.sdxl_given]
+        raise TypeError(f"{', '.join(given)}: SDXL-only options, but this is not an SDXL model")
     spec = get_sampler(r.sampler)
     check_clip_skip(pipe, r.clip_skip)
     task = TASK_OF_REQUEST[r.task]

@@ -137,6 +137,7 @@ class Request:
     denoising_start: float | None = None
     denoising_end: float | None = None
     sdxl: SDXLOptions = SDXLOptions()
+    sdxl_given: frozenset[str] = frozenset()  # the SDXL options passed explicitly (an SD model refuses them)
     guidance_scale: float | None = None  # the plain number given as guidance_scale (LCM embeds it), if any
     emphasis: str = "original"  # A1111's emphasis: "original" (restore the mean), "no_norm", "none" (literal)
     embeds: PromptEmbeds | None = None  # prompt_embeds= and friends instead of text
@@ -247,6 +248,7 @@ class Request:
             denoising_start=None if denoising_start is None else _number(denoising_start, "denoising_start"),
             denoising_end=None if denoising_end is None else _number(denoising_end, "denoising_end"),
             sdxl=SDXLOptions(**sdxl),
+            sdxl_given=frozenset(sdxl),
             emphasis=emphasis,
             embeds=embeds,
             control=control,
