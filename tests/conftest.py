@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,10 @@ import torch
 
 # Tests run two or more at a time on few cores: one thread each keeps the PyTorch references from fighting.
 torch.set_num_threads(1)
+# The tiny models run in milliseconds: compiling is what the suite spends its time on, and XLA compiles them
+# about a quarter faster (CPU time, measured on tests/test_unet.py) with most optimisations off. Modules that
+# run many samples of the default model turn them back on with the `optimized` fixture.
+jax.config.update("jax_disable_most_optimizations", True)
 
 LOGVAR_BIAS = -28.0  # exp(0.5 * -28) ~ 8e-7: the posterior sample is the mean
 
@@ -79,6 +84,17 @@ def tiny(tmp_path_factory: pytest.TempPathFactory):
         return _TINY[kind]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def optimized():
+    """XLA's full optimisation for a module whose time goes into running a model, not compiling it."""
+    previous = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", False)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_disable_most_optimizations", previous)
 
 
 @pytest.fixture
@@ -164,3 +180,24 @@ class FixedNoise:
         assert tuple(shape) == tuple(self.value.shape), f"diffusers drew noise of shape {tuple(shape)}"
         self.calls += 1
         return self.value.clone()
+
+
+# Modules whose tests share a module-scoped fixture (a CLI run, a pipeline, 64 samples): split over two xdist
+# workers, such a module builds it twice. They are read from the source, as xdist's controller schedules by
+# test id before any fixture is known (and xdist 3.8's --dist loadgroup does not work with pytest 9).
+_SHARED_FIXTURE = re.compile(r'scope="module"|usefixtures\("optimized"\)')
+_GROUPED = frozenset(f"tests/{p.name}" for p in Path(__file__).parent.glob("test_*.py")
+                     if _SHARED_FIXTURE.search(p.read_text()))
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleFixtureScheduling(LoadScopeScheduling):
+        """Each such module on one worker, every other test on its own."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return path if path in _GROUPED else nodeid
+
+    return ModuleFixtureScheduling(config, log)

@@ -13,6 +13,8 @@ from sdjax import guidance as g
 from sdjax.classifier import HEADS
 from sdjax.latent_classifier import log_prob_fn
 
+pytestmark = pytest.mark.usefixtures("optimized")  # many samples of the default model: run time dominates
+
 N, STEPS, SEED = 64, 20, 0
 # (algorithm, sampler, scale, head, value). Measured (README): algorithm 2 reaches 100 % for colours and
 # backgrounds but only ~75 % for shapes on this noise (the latent classifier and the pixel judge disagree on the

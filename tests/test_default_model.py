@@ -24,6 +24,8 @@ from sdjax.classifier import HEADS, classify, load_classifier, predict
 from sdjax.data import shapes
 from sdjax.loaders import DEFAULT_MODEL
 
+pytestmark = pytest.mark.usefixtures("optimized")  # many samples of the default model: run time dominates
+
 REPO = Path(__file__).resolve().parents[1]
 MAX_BYTES = 20 * 1024 * 1024
 

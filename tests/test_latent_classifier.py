@@ -33,6 +33,8 @@ from sdjax.latent_classifier import (
 from sdjax.models.vae import AutoencoderKL, scale_latents
 from sdjax.samplers.schedules import alphas_cumprod
 
+pytestmark = pytest.mark.usefixtures("optimized")  # many samples of the default model: run time dominates
+
 N = 256
 # Minimum accuracy per head at t = 0 and t = 250 (shape, colour, background).
 BOUNDS = {0: {"shape": 0.97, "color": 0.97, "background": 0.98},
