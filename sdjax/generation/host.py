@@ -134,7 +134,9 @@ def prepare(pipe: Any, request: Request, *, image_index_offset: int = 0) -> Prep
     negatives = None if r.negative_prompts is None else list(r.negative_prompts)
     zero_passes: tuple[str, ...] = ()
     if pipe.is_sdxl and pipe.force_zeros_for_empty_prompt:
-        if UNCOND in passes and negatives is None:
+        # diffusers zeroes the negative only when neither its text nor its embeddings are given
+        given_negative = r.embeds is not None and r.embeds.negative_prompt_embeds is not None
+        if UNCOND in passes and negatives is None and not given_negative:
             zero_passes += (UNCOND,)
         if EMPTY in passes:
             zero_passes += (EMPTY,)
