@@ -35,6 +35,15 @@ _IGNORED_KEYS = frozenset({
 })
 
 
+def check_tower(config: Any, what: str) -> None:
+    """The checks a CLIP tower's config (text or vision) must pass: a supported activation, whole heads."""
+    if config.hidden_act not in ACTIVATIONS:
+        raise ConfigError(f"unsupported {what}: hidden_act={config.hidden_act!r} (sdjax supports {ACTIVATIONS})")
+    if config.hidden_size % config.num_attention_heads:
+        raise ConfigError(f"unsupported {what}: hidden_size={config.hidden_size} is not divisible by "
+                          f"num_attention_heads={config.num_attention_heads}")
+
+
 @dataclasses.dataclass(frozen=True)
 class CLIPTextConfig:
     """transformers' CLIPTextConfig fields that change the computation; defaults are transformers' own."""
@@ -53,13 +62,7 @@ class CLIPTextConfig:
     pad_token_id: int = 1
 
     def __post_init__(self) -> None:
-        if self.hidden_act not in ACTIVATIONS:
-            raise ConfigError(
-                f"unsupported CLIPTextConfig: hidden_act={self.hidden_act!r} (sdjax supports {ACTIVATIONS})")
-        if self.hidden_size % self.num_attention_heads:
-            raise ConfigError(
-                f"unsupported CLIPTextConfig: hidden_size={self.hidden_size} is not divisible by "
-                f"num_attention_heads={self.num_attention_heads}")
+        check_tower(self, "CLIPTextConfig")
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> CLIPTextConfig:

@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from sdjax.models.clip import _IGNORED_KEYS, ACTIVATIONS, CLIPEncoder, _layer_norm
-from sdjax.models.config import ConfigError, parse_config
+from sdjax.models.clip import _IGNORED_KEYS, CLIPEncoder, _layer_norm, check_tower
+from sdjax.models.config import parse_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,12 +38,7 @@ class CLIPVisionConfig:
     layer_norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
-        if self.hidden_act not in ACTIVATIONS:
-            raise ConfigError(f"unsupported CLIPVisionConfig: hidden_act={self.hidden_act!r} (sdjax supports "
-                              f"{ACTIVATIONS})")
-        if self.hidden_size % self.num_attention_heads:
-            raise ConfigError(f"unsupported CLIPVisionConfig: hidden_size={self.hidden_size} is not divisible by "
-                              f"num_attention_heads={self.num_attention_heads}")
+        check_tower(self, "CLIPVisionConfig")
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> CLIPVisionConfig:
