@@ -134,3 +134,38 @@ def test_sdxl_schedule_switches_context_and_pooled(tiny, fast_compile) -> None:
             ref = pipe.encode_prompt([row[i] for row in rows])
             np.testing.assert_allclose(np.asarray(at[name][0]), ref.prompt_embeds, atol=1e-5)
             np.testing.assert_allclose(np.asarray(at[name][1]), ref.pooled_prompt_embeds, atol=1e-5)
+
+
+def test_composable_wraps_any_method_as_a1111_combines() -> None:
+    """guidance.Composable on made-up predictions: CFG gives A1111's combine_denoised; a method that asks for the
+    conditional pass alone (Interval outside its range, Conditional) gets the combined prediction."""
+    import jax.numpy as jnp
+
+    from sdjax import guidance
+    from sdjax.guidance import COND, UNCOND, StepContext
+
+    rng = np.random.default_rng(0)
+    preds = {name: jnp.asarray(rng.standard_normal((2, 3, 5, 4)), jnp.float32)
+             for name in (UNCOND, COND, "cond_1", "cond_2")}
+    weights = np.array([[1.0, 0.7, -0.4], [1.3, 0.0, 0.0]], np.float32)
+
+    def run(passes, x=None):
+        return {p: preds[p] for p in passes}
+
+    ctx = StepContext(x=preds[UNCOND], alpha=jnp.float32(0.8), sigma_t=jnp.float32(0.6), t=jnp.float32(500.0),
+                      step=jnp.int32(0), num_steps=4, prediction_type="epsilon", num_train_timesteps=1000)
+    u = np.asarray(preds[UNCOND])
+    expected = u.copy()
+    for b in range(2):
+        for k, name in enumerate((COND, "cond_1", "cond_2")):
+            expected[b] += (np.asarray(preds[name][b]) - u[b]) * (weights[b, k] * 6.0)
+    methods = (guidance.Composable(guidance.CFG(6.0), weights),
+               guidance.Composable(guidance.Interval(guidance.CFG(6.0), sigma_max=0.1), weights),
+               guidance.Composable(guidance.Conditional(), weights))
+    assert set(methods[0].passes()) == {UNCOND, COND, "cond_1", "cond_2"} and UNCOND in methods[2].passes()
+    # one compile for the three (op by op they take seconds)
+    cfg, outside, alone = jax.jit(lambda: [m.evaluate(run, ctx, ())[0].out for m in methods])()
+    np.testing.assert_allclose(np.asarray(cfg), expected, rtol=1e-5, atol=1e-5)
+    combined = (expected - u) / 6.0 + u
+    np.testing.assert_allclose(np.asarray(outside), combined, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(alone), combined, rtol=1e-5, atol=1e-5)
