@@ -138,6 +138,7 @@ def _parameters(options: dict[str, Any], seed: int, width: int, height: int, mod
         clip_skip=options.get("clip_skip"), guidance_rescale=options.get("guidance_rescale", 0.0),
         eta=options.get("eta"), prompt_2=options.get("prompt_2"), negative_prompt_2=options.get("negative_prompt_2"),
         image=None, mask=None, strength=None, refiner_switch=None, dtype="float32",
+        emphasis=options.get("emphasis", "original"),
     )
     return a1111_parameters(args, seed, width, height, names(model=model_name))  # seed + i alone gives the image
 

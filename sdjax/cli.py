@@ -25,6 +25,7 @@ from typing import Any
 
 SEED_LIMIT = 2**32
 DTYPES = ("float32", "bfloat16", "float16")
+EMPHASIS_NAMES = {"original": "Original", "no_norm": "No norm", "none": "None"}  # A1111's names of the modes
 DEFAULT_MODEL_NAME = "sdjax-default"
 
 
@@ -106,6 +107,9 @@ def _build_parser() -> argparse.ArgumentParser:
                                                     "(default: --negative-prompt)")
     prompt.add_argument("--clip-skip", type=int,
                         help="diffusers' meaning: 1 = penultimate layer (A1111's 2) (default: last layer)")
+    prompt.add_argument("--emphasis", choices=EMPHASIS_NAMES, default="original",
+                        help="how (word:1.2) weights apply, as A1111's setting: original (multiply, then restore "
+                             "the mean), no_norm (only multiply), none (brackets are text)")
     prompt.add_argument("--from-image", metavar="IMAGE",
                         help="take the settings from an image's A1111 metadata (PNG/JPEG/WebP); options given "
                              "on the command line win (default: none)")
@@ -324,6 +328,7 @@ def a1111_parameters(args: argparse.Namespace, seed: int, width: int, height: in
         "VAE hash": names.vae_hash, "VAE": names.vae,
         "Denoising strength": f"{_strength(args):g}" if args.image else None,
         "Clip skip": args.clip_skip + 1 if args.clip_skip is not None else None,  # A1111 counts the last as 1
+        "Emphasis": _emphasis_field(getattr(args, "emphasis", "original")),
         "CFG rescale": f"{args.guidance_rescale:g}" if args.guidance_rescale else None,
         "Eta": f"{(args.eta if args.eta is not None else spec.default_eta):g}" if spec.uses_eta else None,
         "Prompt 2": args.prompt_2, "Negative prompt 2": args.negative_prompt_2,
@@ -336,6 +341,11 @@ def a1111_parameters(args: argparse.Namespace, seed: int, width: int, height: in
         "Version": f"sdjax {_version()}",
     }
     return format_parameters(args.prompt, args.negative_prompt, fields, extra)
+
+
+def _emphasis_field(mode: str) -> str | None:
+    """A1111 writes its emphasis setting ("Emphasis: No norm") only when it is not the default, Original."""
+    return None if mode == "original" else EMPHASIS_NAMES.get(mode, mode)
 
 
 _SCHEDULE_TYPES = {"karras": "karras", "exponential": "exponential", "automatic": None, "uniform": "default"}
@@ -385,6 +395,11 @@ def defaults_from_image(path: str) -> dict[str, Any]:
             out["clip_skip"] = int(p["Clip skip"]) - 1
         if "CFG rescale" in p:
             out["guidance_rescale"] = float(p["CFG rescale"])
+        if "Emphasis" in p:
+            modes = {name.lower(): mode for mode, name in EMPHASIS_NAMES.items()}
+            if p["Emphasis"].lower() not in modes:
+                raise ValueError(f"Emphasis {p['Emphasis']!r}")
+            out["emphasis"] = modes[p["Emphasis"].lower()]
         if "Eta" in p:
             out["eta"] = float(p["Eta"])
         for key, dest in (("Prompt 2", "prompt_2"), ("Negative prompt 2", "negative_prompt_2")):
@@ -780,7 +795,7 @@ def _generate(args: argparse.Namespace) -> None:
     options: dict[str, Any] = dict(
         negative_prompt=args.negative_prompt, num_steps=args.steps, guidance_scale=args.guidance,
         sampler=args.sampler, schedule=args.schedule, clip_skip=args.clip_skip,
-        guidance_rescale=args.guidance_rescale, eta=args.eta,
+        guidance_rescale=args.guidance_rescale, eta=args.eta, emphasis=args.emphasis,
     )
     if args.guidance_method is not None:  # a method from the guidance options replaces the plain CFG shorthand
         del options["guidance_scale"], options["guidance_rescale"]

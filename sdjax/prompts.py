@@ -25,6 +25,7 @@ __all__ = [
     "parse_prompt_attention",
     "prompt_schedule",
     "split_and",
+    "step_prompts",
 ]
 
 # --- emphasis ----------------------------------------------------------------------------------------------------
@@ -316,6 +317,17 @@ def active_entry(schedule: list[list], step: int) -> int:
         if step <= last_step:
             return index
     return 0
+
+
+def step_prompts(text: str, steps: int) -> list[str]:
+    """The prompt text A1111 conditions on at each sampler call 0 .. ``steps - 1`` (editing and alternation
+    resolved): ``prompt_schedule`` read through :func:`active_entry`.
+
+    >>> step_prompts("a [b:c:0.5]", 4)
+    ['a b', 'a b', 'a b', 'a c']
+    """
+    schedule = prompt_schedule(text, steps)
+    return [schedule[active_entry(schedule, step)][1] for step in range(steps)]
 
 
 # --- AND ---------------------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """The sdjax command as a user runs it (a subprocess): A1111 file numbering, nothing overwritten, metadata that
-reproduces each image, progress lines, permissions. One batch run of the default model (64x64, 2 steps) is
+reproduces each image, progress lines, permissions. One batch run of the default model (64x64, 3 steps) is
 shared; two more runs regenerate images of it from their metadata alone."""
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from PIL import Image
 from sdjax.parameters import parse_parameters
 
 ROOT = Path(__file__).resolve().parent.parent
+PROMPT = "a [red:blue:0.5] (circle:1.2), on blue"
 
 
 def run_cli(*argv: str, cache: Path, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -51,10 +52,11 @@ def cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def batch_run(tmp_path_factory, cache) -> tuple[Path, subprocess.CompletedProcess, dict[str, bytes]]:
     out = tmp_path_factory.mktemp("batch") / "images"
-    proc = run_cli("generate", "--prompt", "a red circle, on blue", "--negative-prompt", "blurry", "--steps", "2",
-                   "--height", "64", "--width", "64", "-n", "3", "--batch-size", "2", "--seed", "5",
-                   "--sampler", "Euler a", "--guidance-rescale", "0.3", "--save-latents", "--grid", "--out", out,
-                   cache=cache)
+    # Prompt editing: red for A1111's calls 0 and 1, blue for call 2 (3 steps); a weight with emphasis "No norm".
+    proc = run_cli("generate", "--prompt", PROMPT, "--negative-prompt", "blurry", "--steps", "3",
+                   "--emphasis", "no_norm", "--height", "64", "--width", "64", "-n", "3", "--batch-size", "2",
+                   "--seed", "5", "--sampler", "Euler a", "--guidance-rescale", "0.3", "--save-latents", "--grid",
+                   "--out", out,                   cache=cache)
     assert proc.returncode == 0, proc.stderr
     return out, proc, {p.name: p.read_bytes() for p in out.iterdir()}
 
@@ -79,10 +81,11 @@ def test_metadata_records_every_setting(batch_run) -> None:
 
     out, _, _ = batch_run
     fields = _fields(out / "00001-6.png")
-    assert fields["Prompt"] == "a red circle, on blue" and fields["Negative prompt"] == "blurry"
+    assert fields["Prompt"] == PROMPT and fields["Negative prompt"] == "blurry"  # verbatim, brackets and all
+    assert fields["Emphasis"] == "No norm"
     assert fields["Seed"] == "6" and "Batch pos" not in fields
     assert fields["Sampler"] == "Euler a" and fields["Eta"] == "1" and fields["CFG rescale"] == "0.3"
-    assert fields["Steps"] == "2" and fields["CFG scale"] == "7.5" and fields["Size"] == "64x64"
+    assert fields["Steps"] == "3" and fields["CFG scale"] == "7.5" and fields["Size"] == "64x64"
     digest = hashlib.sha256()
     for file in weight_files(DEFAULT_MODEL):  # the folder's weight files in path order, as documented
         digest.update(file.read_bytes())
@@ -94,7 +97,7 @@ def test_progress_is_plain_lines_when_not_a_terminal(batch_run) -> None:
     _, proc, _ = batch_run
     err = proc.stderr
     assert "hashing and loading sdjax-default" in err and "compiling and sampling 3 image(s)" in err
-    assert "batch 1/2: sampling (" in err and "batch 2/2: step 2/2" in err
+    assert "batch 1/2: sampling (" in err and "batch 2/2: step 3/3" in err
     assert "\r" not in err and "Traceback" not in err
 
 

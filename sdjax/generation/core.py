@@ -24,7 +24,17 @@ import jax.numpy as jnp
 from flax import struct
 
 from sdjax import text
-from sdjax.guidance import COND, EMPTY, UNCOND, Method, guidance_scale_embedding, stack_passes, unstack_passes
+from sdjax.guidance import (
+    COND,
+    EMPTY,
+    UNCOND,
+    Composable,
+    Method,
+    guidance_scale_embedding,
+    is_cond,
+    stack_passes,
+    unstack_passes,
+)
 from sdjax.guidance.methods import sweep_axes
 from sdjax.models.clip import CLIPTextModel
 from sdjax.models.unet import UNet2DConditionModel
@@ -125,6 +135,10 @@ class Inputs:
     # IP-Adapter: {pass: tuple of (B, images, T, C) tokens per adapter} (the pipeline's adapters, in order)
     ip_tokens: Any = batched(default=None)
     ip_scales: Any = None  # (n,)
+    # Prompt editing / alternation (generation/conditioning.py): {pass: (B, num_steps) int32}, which of the
+    # pass's M texts (its ids then (B, M, tokens)) each step of the run uses; AND parts' (B, K) weights.
+    prompt_steps: Any = batched(default=None)
+    cond_weights: Any = batched(default=None)
 
     @classmethod
     def is_batched(cls, name: str) -> bool:
@@ -138,15 +152,44 @@ def _encode_passes(model: Model, plan: Plan, params: Mapping[str, Any], inputs: 
                    ) -> dict[str, tuple[jax.Array, jax.Array | None]]:
     """{pass: (context, pooled)} for every pass the plan may run."""
     encoded = dict(inputs.embeds or {})
+    scheduled = inputs.prompt_steps or {}
     for name in plan.passes:
         if name in plan.zero_passes or name in encoded:
             continue
-        encoded[name] = text.encode_modules(model.is_sdxl, model.text_encoders, params, inputs.ids[name],
-                                            plan.clip_skip, plan.emphasis)
+        encode = _encode_stacked if name in scheduled else text.encode_modules
+        encoded[name] = encode(model.is_sdxl, model.text_encoders, params, inputs.ids[name], plan.clip_skip,
+                               plan.emphasis)
     for name in plan.zero_passes:
-        ctx, pooled = encoded[COND]
+        ctx, pooled = _at_step(encoded, scheduled, 0)[COND]
         encoded[name] = (jnp.zeros_like(ctx), None if pooled is None else jnp.zeros_like(pooled))
     return encoded
+
+
+def _encode_stacked(is_sdxl: bool, encoders: Any, params: Mapping[str, Any], ids: Mapping[str, text.Tokens],
+                    clip_skip: int | None, emphasis: str) -> tuple[jax.Array, jax.Array | None]:
+    """A scheduled pass: tokens (B, M, n*77), each image's M texts, encoded as one batch of B*M ->
+    (context (B, M, S, D), pooled (B, M, P) or None)."""
+    b, m = next(iter(ids.values())).ids.shape[:2]
+    flat = {name: text.Tokens(*(a.reshape((b * m,) + a.shape[2:]) for a in t)) for name, t in ids.items()}
+    ctx, pooled = text.encode_modules(is_sdxl, encoders, params, flat, clip_skip, emphasis)
+    return ctx.reshape((b, m) + ctx.shape[1:]), None if pooled is None else pooled.reshape(b, m, -1)
+
+
+def _at_step(encoded: Mapping[str, Any], scheduled: Mapping[str, jax.Array], index: Any) -> dict[str, Any]:
+    """{pass: (context, pooled)} at run step ``index`` (traced): a scheduled pass's context and pooled embedding
+    (SDXL: the active text's, as A1111 switches its whole conditioning) picked per image from its table."""
+    out = dict(encoded)
+    for name, table in scheduled.items():
+        if name not in encoded:
+            continue
+        which = jnp.take(table, index, axis=1)  # (B,)
+
+        def pick(a: jax.Array, which: jax.Array = which) -> jax.Array:
+            return jnp.take_along_axis(a, which.reshape((-1, 1) + (1,) * (a.ndim - 2)), axis=1)[:, 0]
+
+        ctx, pooled = encoded[name]
+        out[name] = (pick(ctx), None if pooled is None else pick(pooled))
+    return out
 
 
 def _encode_image(model: Model, params: Mapping[str, Any], image: jax.Array, keys: jax.Array) -> jax.Array:
@@ -235,7 +278,7 @@ def _passes_fn(model: Model, plan: Plan, params: Mapping[str, Any], inputs: Inpu
     the ControlNet / T2I-Adapter / IP-Adapter inputs. ``schedule`` and ``start`` (the first step run) place
     ControlNet start/end and the adapter factor, as fractions of the steps run."""
     unet_config = model.unet.config
-    encoded = _encode_passes(model, plan, params, inputs)
+    all_encoded = _encode_passes(model, plan, params, inputs)
     time_ids = inputs.time_ids or {}
     lcm_emb = None
     if unet_config.time_cond_proj_dim is not None:
@@ -247,8 +290,14 @@ def _passes_fn(model: Model, plan: Plan, params: Mapping[str, Any], inputs: Inpu
         # TODO(lead): the loop knows the step; a 4th passes_fn argument would replace this lookup.
         return step_of(schedule, t) - jnp.asarray(start, jnp.int32)
 
+    def conditioning(t: jax.Array) -> dict[str, Any]:
+        if not inputs.prompt_steps:
+            return all_encoded
+        return _at_step(all_encoded, inputs.prompt_steps, jnp.clip(run_index(t), 0, plan.num_steps - 1))
+
     def passes_fn(x_in: jax.Array, t: jax.Array, passes: tuple[str, ...]) -> dict[str, jax.Array]:
         count = len(passes)
+        encoded = conditioning(t)
         x_cn = x_in  # ControlNets see the 4-channel latents, before an inpainting UNet's extra channels
         if extra_channels is not None:
             x_in = jnp.concatenate([x_in, extra_channels.astype(x_in.dtype)], axis=-1)
@@ -257,7 +306,7 @@ def _passes_fn(model: Model, plan: Plan, params: Mapping[str, Any], inputs: Inpu
         added = {}
         if model.is_sdxl:
             added = {"text_embeds": stack_passes([encoded[p][1] for p in passes]),
-                     "time_ids": stack_passes([time_ids[COND if p == COND else UNCOND] for p in passes])}
+                     "time_ids": stack_passes([time_ids[COND if is_cond(p) else UNCOND] for p in passes])}
         timestep_cond = None
         if lcm_emb is not None:
             timestep_cond = jnp.broadcast_to(lcm_emb, (x_all.shape[0], lcm_emb.shape[-1]))
@@ -273,7 +322,7 @@ def _passes_fn(model: Model, plan: Plan, params: Mapping[str, Any], inputs: Inpu
                                                              for f in adapter_features]
         if inputs.ip_tokens is not None:
             n_ip = len(inputs.ip_tokens[COND])
-            extra["ip_adapter_tokens"] = [stack_passes([inputs.ip_tokens[COND if p == COND else UNCOND][j]
+            extra["ip_adapter_tokens"] = [stack_passes([inputs.ip_tokens[COND if is_cond(p) else UNCOND][j]
                                                         for p in passes]) for j in range(n_ip)]
             extra["ip_adapter_scales"] = inputs.ip_scales
         out = model.unet.apply({"params": params["unet"]}, x_all.astype(model.unet.dtype), ts, context,
@@ -295,7 +344,7 @@ def _control_residuals(model: Model, plan: Plan, inputs: Inputs, passes: tuple[s
     added = {}
     if model.is_sdxl:
         added = {"text_embeds": stack_passes([encoded[p][1] for p in run_on]),
-                 "time_ids": stack_passes([time_ids[COND if p == COND else UNCOND] for p in run_on])}
+                 "time_ids": stack_passes([time_ids[COND if is_cond(p) else UNCOND] for p in run_on])}
     ts = jnp.broadcast_to(t, (x_all.shape[0],))
     down = mid = None
     for k, (module, p, image) in enumerate(zip(plan.controlnets, inputs.control_params, inputs.control_images,
@@ -357,6 +406,8 @@ def _denoise_one(model: Model, plan: Plan, params: Mapping[str, Any], inputs: In
         return x if blend_step is None else blend_step(i, x)
 
     passes_fn = _passes_fn(model, plan, params, inputs, extra_channels, schedule, start)
+    if inputs.cond_weights is not None:  # AND: composable diffusion around the request's guidance method
+        method = Composable(method, inputs.cond_weights)
     return sample(passes_fn, x, schedule, guidance=method, keys=_image_keys(keys, Stream.SAMPLER), eta=inputs.eta,
                   start_step=start, end_step=end, post_step=post_step, decode=_decode_fn(model, params))
 

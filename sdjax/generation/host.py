@@ -15,10 +15,10 @@ import jax
 import numpy as np
 
 from sdjax import compile_cache, images, parallel, text
-from sdjax.generation import core
+from sdjax.generation import conditioning, core
 from sdjax.generation.core import COND, EMPTY, INPAINT, LATENT_IMAGE, TEXT, UNCOND, Inputs, Model, Plan
 from sdjax.generation.request import Request
-from sdjax.guidance import Conditional, Method, as_arrays
+from sdjax.guidance import Conditional, Method, as_arrays, composable_passes
 from sdjax.samplers import get_sampler
 from sdjax.tiled_vae import decode_latents, should_tile
 
@@ -130,7 +130,12 @@ def prepare(pipe: Any, request: Request, *, image_index_offset: int = 0) -> Prep
         lcm_scale = np.float32(r.guidance_scale)
         method = Conditional()
     method = method.check(spec)
+    prompts_2 = _as_list(r.sdxl.prompt_2, batch, "prompt_2")
+    prompt_texts, and_weights = ({}, None) if r.embeds is not None else conditioning.prompt_passes(
+        list(r.prompts), prompts_2, r.num_steps)
     passes = method.passes()
+    if and_weights is not None:  # AND: the prompt's parts, each its own pass (core wraps the method)
+        passes = composable_passes(passes, and_weights.shape[1])
     negatives = None if r.negative_prompts is None else list(r.negative_prompts)
     zero_passes: tuple[str, ...] = ()
     if pipe.is_sdxl and pipe.force_zeros_for_empty_prompt:
@@ -142,18 +147,20 @@ def prepare(pipe: Any, request: Request, *, image_index_offset: int = 0) -> Prep
             zero_passes += (EMPTY,)
     tokens = lambda texts, texts_2=None: text.prompt_tokens(pipe, texts, texts_2, emphasis=r.emphasis)  # noqa: E731
     embeds = _given_embeds(pipe, r, passes, zero_passes)
-    ids = {}
+    texts: dict[str, conditioning.PassTexts] = {}
     if COND not in embeds:
-        ids[COND] = tokens(list(r.prompts), _as_list(r.sdxl.prompt_2, batch, "prompt_2"))
+        texts.update(prompt_texts)
     if UNCOND in passes and UNCOND not in zero_passes and UNCOND not in embeds:
         negatives_2 = _as_list(r.sdxl.negative_prompt_2, batch, "negative_prompt_2")
-        ids[UNCOND] = tokens(negatives or [""] * batch, negatives_2)
+        texts[UNCOND] = conditioning.schedule_pass(negatives or [""] * batch, negatives_2, r.num_steps)
     if EMPTY in passes and EMPTY not in zero_passes:
-        ids[EMPTY] = tokens([""] * batch)
+        texts[EMPTY] = conditioning.PassTexts([""] * batch, None, 1, None)
+    ids = {name: tokens(t.texts, t.texts_2) for name, t in texts.items()}
     # every pass gets one chunk count (the longest prompt's): the UNet's context has one sequence length
     ids = dict(zip(ids, text.equal_chunks(pipe, *ids.values()), strict=True))
     if embeds and ids:
         ids = _pad_to_embeds(pipe, ids, embeds[COND][0].shape[1])
+    ids, prompt_steps = _stack_scheduled(ids, texts, batch)
     time_ids = None
     if pipe.is_sdxl:
         time_ids = _time_ids(pipe, r, height, width, batch)
@@ -169,6 +176,7 @@ def prepare(pipe: Any, request: Request, *, image_index_offset: int = 0) -> Prep
         keys=np.asarray(parallel.image_keys(r.seed, image_index_offset + np.arange(batch))),
         ids=ids, embeds=embeds or None, eta=np.float32(eta), time_ids=time_ids, noise=noise, image=image,
         mask=mask, strength=strength, lcm_scale=lcm_scale, **control, **adapter, **ip,
+        prompt_steps=prompt_steps, cond_weights=and_weights,
     )
     plan = Plan(sampler=r.sampler, sigma_schedule=r.schedule, num_steps=r.num_steps, latent_size=latent_size,
                 clip_skip=r.clip_skip, emphasis=r.emphasis, passes=passes, zero_passes=zero_passes, task=task,
@@ -194,6 +202,16 @@ def _given_embeds(pipe: Any, r: Request, passes: tuple[str, ...], zero_passes: t
             raise ValueError("an SDXL model needs negative_pooled_prompt_embeds with negative_prompt_embeds")
         out[UNCOND] = (e.negative_prompt_embeds, e.negative_pooled_prompt_embeds if pipe.is_sdxl else None)
     return out
+
+
+def _stack_scheduled(ids: dict[str, Any], texts: dict[str, conditioning.PassTexts], batch: int
+                     ) -> tuple[dict[str, Any], dict[str, np.ndarray] | None]:
+    """Passes whose text changes during sampling: tokens (B * M, L) -> (B, M, L), with their step tables."""
+    steps = {name: t.steps for name, t in texts.items() if t.steps is not None}
+    for name in steps:
+        ids[name] = {enc: text.Tokens(*(np.asarray(a).reshape(batch, texts[name].count, -1) for a in t))
+                     for enc, t in ids[name].items()}
+    return ids, steps or None
 
 
 def _pad_to_embeds(pipe: Any, ids: dict[str, Any], length: int) -> dict[str, Any]:

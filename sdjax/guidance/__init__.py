@@ -15,7 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from sdjax.guidance.context import COND, EMPTY, PASSES, UNCOND, Guided, StepContext
+from sdjax.guidance.context import COND, EMPTY, PASSES, UNCOND, Guided, StepContext, cond_parts, is_cond
 from sdjax.guidance.methods import (
     APG,
     CFG,
@@ -24,6 +24,7 @@ from sdjax.guidance.methods import (
     CFGZeroStar,
     ClampLinear,
     ClassifierGuidance,
+    Composable,
     Conditional,
     Cosine,
     Interval,
@@ -34,6 +35,7 @@ from sdjax.guidance.methods import (
     PerStep,
     apg_combine,
     as_arrays,
+    composable_passes,
     rescale,
     sweep_axes,
     sweep_size,
@@ -41,9 +43,10 @@ from sdjax.guidance.methods import (
 
 __all__ = [
     "APG", "CFG", "COND", "EMPTY", "PASSES", "TCFG", "UNCOND", "CFGPlusPlus", "CFGZeroStar", "ClampLinear",
-    "ClassifierGuidance", "Conditional", "Cosine", "Guided", "Interval", "Linear", "Method", "NegativeMinSigma",
-    "PerStep", "PerpNeg", "StepContext", "apg_combine", "as_arrays", "guidance_scale_embedding", "rescale",
-    "stack_passes", "sweep_axes", "sweep_size", "unstack_passes",
+    "ClassifierGuidance", "Composable", "Conditional", "Cosine", "Guided", "Interval", "Linear", "Method",
+    "NegativeMinSigma", "PerStep", "PerpNeg", "StepContext", "apg_combine", "as_arrays", "composable_passes",
+    "cond_parts", "guidance_scale_embedding", "is_cond", "rescale", "stack_passes", "sweep_axes", "sweep_size",
+    "unstack_passes",
 ]
 
 

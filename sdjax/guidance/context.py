@@ -23,6 +23,16 @@ SPACES = ("output", "eps", "x0", "v")
 COND, UNCOND, EMPTY = "cond", "uncond", "empty"
 PASSES = (COND, UNCOND, EMPTY)
 
+
+def cond_parts(count: int) -> tuple[str, ...]:
+    """The pass names of a prompt's ``count`` composable-diffusion (``AND``) parts: ``"cond"``, ``"cond_1"``, ..."""
+    return tuple(COND if k == 0 else f"{COND}_{k}" for k in range(count))
+
+
+def is_cond(name: str) -> bool:
+    """Whether a pass is the prompt or one of its ``AND`` parts (they share the prompt's other conditioning)."""
+    return name == COND or (name.startswith(f"{COND}_") and name[len(COND) + 1:].isdigit())
+
 Predictions = Mapping[str, jax.Array]
 # run(passes, x=None) -> {pass: raw output}: evaluates the UNet on the listed passes (on x, default the
 # step's latent). Guidance methods that choose which passes run (intervals) or differentiate through the

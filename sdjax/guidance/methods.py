@@ -30,6 +30,7 @@ from sdjax.guidance.context import (
     RunPasses,
     StepContext,
     check_space,
+    cond_parts,
     per_image_norm,
     per_image_sum,
 )
@@ -459,6 +460,76 @@ class ClassifierGuidance(Method):
 
     def describe(self) -> str:
         return f"classifier guidance (algorithm {self.algorithm}, on {self.on}) + {self.inner.describe()}"
+
+
+def composable_passes(inner: tuple[str, ...], parts: int) -> tuple[str, ...]:
+    """The passes of :class:`Composable` around a method with passes ``inner``: the prompt's pass replaced by
+    its ``parts`` AND parts, and the unconditional pass (their common baseline) added if missing."""
+    out = [p for p in inner if p != COND]
+    if UNCOND not in out:
+        out.insert(0, UNCOND)
+    return (*out, *cond_parts(parts))
+
+
+@struct.dataclass
+class Composable(Method):
+    """Composable diffusion (Liu et al. 2022) as AUTOMATIC1111 combines ``a AND b:0.7`` prompts, around any
+    method: wherever ``method`` asks for the conditional pass it gets ``u + sum_k w_k (c_k - u)`` from the
+    parts' passes c_k (``"cond"``, ``"cond_1"``, ...) and the unconditional pass u. Under CFG that is A1111's
+    ``combine_denoised``: ``u + scale * sum_k w_k (c_k - u)`` (the combination is linear and holds x fixed, so
+    raw outputs give what A1111 computes on denoised x0). ``weights``: (B, K) per image, 0 for the parts a
+    prompt does not have. The unconditional pass always runs (also when ``method`` alone would not)."""
+
+    method: Method
+    weights: Any  # (B, K)
+
+    @property
+    def renoises(self) -> bool:  # type: ignore[override]
+        return self.method.renoises
+
+    @property
+    def shifts_mean(self) -> bool:  # type: ignore[override]
+        return self.method.shifts_mean
+
+    @property
+    def parts(self) -> int:
+        return int(jnp.shape(self.weights)[-1])
+
+    def passes(self) -> tuple[str, ...]:
+        return composable_passes(self.method.passes(), self.parts)
+
+    def init_state(self, x: jax.Array) -> Any:
+        return self.method.init_state(x)
+
+    def combined(self, preds: Predictions) -> jax.Array:
+        """``u + sum_k w_k (c_k - u)``, adding the parts in order as A1111 does."""
+        u = preds[UNCOND]
+        w = jnp.asarray(self.weights, jnp.float32)
+        total = jnp.zeros_like(u)
+        for k, name in enumerate(cond_parts(self.parts)):
+            total = total + w[:, k].reshape((-1,) + (1,) * (u.ndim - 1)) * (preds[name] - u)
+        return u + total
+
+    def evaluate(self, run: RunPasses, ctx: StepContext, state: Any) -> tuple[Guided, Any]:
+        parts = cond_parts(self.parts)
+
+        def expanded(passes: tuple[str, ...], x: jax.Array | None = None) -> Predictions:
+            passes = tuple(passes)
+            if COND not in passes:
+                return run(passes, x)
+            others = tuple(p for p in passes if p not in (COND, UNCOND))
+            preds = run((UNCOND, *others, *parts), x)
+            out = {p: preds[p] for p in passes if p != COND}
+            out[COND] = self.combined(preds)
+            return out
+
+        return self.method.evaluate(expanded, ctx, state)
+
+    def check(self, sampler: Any) -> Method:
+        return self.replace(method=self.method.check(sampler))
+
+    def describe(self) -> str:
+        return f"{self.method.describe()} with AND prompts"
 
 
 # --- sweeps ---------------------------------------------------------------------------------------------------
