@@ -140,6 +140,19 @@ def _build_parser() -> argparse.ArgumentParser:
     size.add_argument("-n", "--count", type=int, default=1, help="number of images")
     size.add_argument("--batch-size", type=int, help="images per batch (default: all at once)")
 
+    hires = gen.add_argument_group("hires fix (A1111's: generate, upscale, image-to-image at the new size)")
+    hires.add_argument("--hires-scale", type=float, metavar="SCALE",
+                       help="turn on the hires fix: upscale the image by SCALE (>= 1) and re-draw it "
+                            "(default: off)")
+    hires.add_argument("--hires-strength", type=float,
+                       help="denoising strength of the hires pass, in (0, 1] (default: 0.7, A1111's)")
+    hires.add_argument("--hires-steps", type=int,
+                       help="steps the hires pass runs; 0 = --steps (default: 0, as A1111)")
+    hires.add_argument("--hires-upscaler", metavar="NAME",
+                       help="A1111's upscaler names, any case: 'Latent' (bilinear), 'Latent (antialiased)', "
+                            "'Latent (bicubic)', 'Latent (bicubic antialiased)', 'Latent (nearest)', "
+                            "'Latent (nearest-exact)', or in pixels 'Lanczos', 'Nearest' (default: Latent)")
+
     img = gen.add_argument_group("image-to-image and inpainting")
     img.add_argument("--image", help="input image for image-to-image / inpainting (default: none)")
     img.add_argument("--strength", type=float,
@@ -322,7 +335,7 @@ def a1111_parameters(args: argparse.Namespace, seed: int, width: int, height: in
         "Steps": args.steps, "Sampler": a1111_name(args.sampler, schedule), "CFG scale": f"{args.guidance:g}",
         "Seed": seed, "Size": f"{width}x{height}", "Model hash": names.model_hash, "Model": names.model,
         "VAE hash": names.vae_hash, "VAE": names.vae,
-        "Denoising strength": f"{_strength(args):g}" if args.image else None,
+        "Denoising strength": f"{_strength(args):g}" if args.image else _hires_strength(args),
         "Clip skip": args.clip_skip + 1 if args.clip_skip is not None else None,  # A1111 counts the last as 1
         "CFG rescale": f"{args.guidance_rescale:g}" if args.guidance_rescale else None,
         "Eta": f"{(args.eta if args.eta is not None else spec.default_eta):g}" if spec.uses_eta else None,
@@ -333,9 +346,28 @@ def a1111_parameters(args: argparse.Namespace, seed: int, width: int, height: in
         "Lora weights": ", ".join(f"{n}: {w:g}" for n, w, _ in names.loras) or None,
         "TI hashes": ", ".join(f"{n}: {h}" for n, h in names.embeddings) or None,
         "Dtype": args.dtype if args.dtype != "float32" else None,
+        **_hires_fields(args),
         "Version": f"sdjax {_version()}",
     }
     return format_parameters(args.prompt, args.negative_prompt, fields, extra)
+
+
+def _hires_strength(args: argparse.Namespace) -> str | None:
+    from sdjax.hires import DEFAULT_STRENGTH
+
+    if getattr(args, "hires_scale", None) is None:
+        return None
+    return f"{args.hires_strength if args.hires_strength is not None else DEFAULT_STRENGTH:g}"
+
+
+def _hires_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """A1111's hires keys (its Size stays the first pass's; "Hires steps" only when not the base steps)."""
+    from sdjax.hires import DEFAULT_UPSCALER, resolve_upscaler
+
+    if getattr(args, "hires_scale", None) is None:
+        return {}
+    return {"Hires upscale": f"{args.hires_scale:g}", "Hires steps": args.hires_steps or None,
+            "Hires upscaler": resolve_upscaler(args.hires_upscaler or DEFAULT_UPSCALER)}
 
 
 _SCHEDULE_TYPES = {"karras": "karras", "exponential": "exponential", "automatic": None, "uniform": "default"}
@@ -379,7 +411,15 @@ def defaults_from_image(path: str) -> dict[str, Any]:
             elif schedule is None and "karras" in get_sampler(sampler).sigma_schedules:
                 schedule = "default"  # an A1111 name without a suffix is the plain schedule
             out["sampler"], out["schedule"] = sampler, schedule
-        if "Denoising strength" in p:
+        if "Hires upscale" in p:  # a hires-fix image: its Denoising strength is the hires pass's
+            out["hires_scale"] = float(p["Hires upscale"])
+            if "Denoising strength" in p:
+                out["hires_strength"] = float(p["Denoising strength"])
+            if "Hires steps" in p:
+                out["hires_steps"] = int(p["Hires steps"])
+            if "Hires upscaler" in p:
+                out["hires_upscaler"] = p["Hires upscaler"]
+        elif "Denoising strength" in p:
             out["strength"] = float(p["Denoising strength"])
         if "Clip skip" in p and int(p["Clip skip"]) > 1:
             out["clip_skip"] = int(p["Clip skip"]) - 1
@@ -454,6 +494,31 @@ def _check_writable_folder(folder: Path, option: str) -> None:
         raise UsageError(f"{option} {folder}: {probe} is not writable")
 
 
+def _check_hires(args: argparse.Namespace) -> None:
+    from sdjax.hires import resolve_upscaler
+
+    if args.hires_scale is None:
+        for option in ("hires_strength", "hires_steps", "hires_upscaler"):
+            if getattr(args, option) is not None:
+                raise UsageError(f"--{option.replace('_', '-')} needs --hires-scale")
+        return
+    if not args.hires_scale >= 1.0:
+        raise UsageError(f"--hires-scale must be at least 1, got {args.hires_scale:g}")
+    if args.hires_strength is not None and not 0.0 < args.hires_strength <= 1.0:
+        raise UsageError(f"--hires-strength must be in (0, 1], got {args.hires_strength:g}")
+    if args.hires_steps is not None and args.hires_steps < 0:
+        raise UsageError(f"--hires-steps must be >= 0 (0: --steps), got {args.hires_steps}")
+    if args.hires_upscaler is not None:
+        try:
+            resolve_upscaler(args.hires_upscaler)
+        except ValueError as e:
+            raise UsageError(f"--hires-upscaler: {e}") from None
+    if args.image:
+        raise UsageError("--hires-scale works with text-to-image only (no --image)")
+    if args.refiner:
+        raise UsageError("--hires-scale does not combine with --refiner")
+
+
 def _check_args(args: argparse.Namespace) -> None:
     """Every check that needs no model: values, files and folders."""
     from sdjax.images import MAX_SIZE
@@ -482,6 +547,7 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--strength must be in (0, 1], got {args.strength:g}")
     if args.clip_skip is not None and args.clip_skip < 0:
         raise UsageError(f"--clip-skip must be >= 0, got {args.clip_skip}")
+    _check_hires(args)
     if args.mask and not args.image:
         raise UsageError("--mask needs --image")
     if args.strength is not None and not args.image:
@@ -555,6 +621,62 @@ def _peek_configs(model: str | None) -> dict[str, Any]:
         except (OSError, ValueError):
             pass
     return info
+
+
+def _hires_options(args: argparse.Namespace) -> dict[str, Any]:
+    if args.hires_scale is None:
+        return {}
+    return {"hires_scale": args.hires_scale, "hires_strength": args.hires_strength,
+            "hires_steps": args.hires_steps, "hires_upscaler": args.hires_upscaler}
+
+
+def _base_size(args: argparse.Namespace, pipe: Any) -> tuple[int, int]:
+    """(width, height) of the first pass."""
+    return args.width or pipe.default_size, args.height or pipe.default_size
+
+
+def _check_hires_size(args: argparse.Namespace, config: dict[str, Any], devices: list[Any]) -> None:
+    """The hires size fits the format and the memory (the base size was checked already)."""
+    from sdjax.hires import target_size
+    from sdjax.images import MAX_SIZE
+
+    if args.hires_scale is None:
+        return
+    unet, vae = config.get("unet") or {}, config.get("vae") or {}
+    if args.height is None and not unet.get("sample_size"):
+        return  # a single file: checked again once loaded
+    factor = 2 ** (len(vae.get("block_out_channels") or (0, 0, 0, 0)) - 1)
+    default = int(unet.get("sample_size") or 0) * factor
+    height, width = target_size(args.height or default, args.width or default, args.hires_scale, factor)
+    for name, value in (("height", height), ("width", width)):
+        if value > MAX_SIZE[args.format]:
+            raise UsageError(f"--hires-scale {args.hires_scale:g}: the hires {name} {value} is more than "
+                             f"--format {args.format} stores ({MAX_SIZE[args.format]})")
+    if min(height, width) < factor:
+        raise UsageError(f"--hires-scale {args.hires_scale:g}: the hires size {width}x{height} is too small")
+    try:
+        _check_model(args, config, height, width, devices)
+    except UsageError as e:
+        raise UsageError(f"--hires-scale {args.hires_scale:g}: {e}") from None
+    _check_hires_steps(args)
+
+
+def _check_hires_steps(args: argparse.Namespace) -> None:
+    """A1111's hires pass runs its steps at the end of a longer schedule, which the model's must cover."""
+    from sdjax.hires import DEFAULT_STRENGTH, hires_schedule
+    from sdjax.loaders import DEFAULT_MODEL
+
+    steps = args.hires_steps or args.steps
+    strength = args.hires_strength if args.hires_strength is not None else DEFAULT_STRENGTH
+    total, _ = hires_schedule(steps, strength)
+    try:
+        scheduler = json.loads((Path(args.model or DEFAULT_MODEL) / "scheduler" / "scheduler_config.json").read_text())
+        limit = int(scheduler.get("num_train_timesteps", 1000))
+    except (OSError, ValueError):
+        limit = 1000  # single files: the SD families' count
+    if total > limit:
+        raise UsageError(f"--hires-strength {strength:g} with {steps} hires steps needs a schedule of {total} "
+                         f"steps, more than the model's {limit}: raise --hires-strength or lower --hires-steps")
 
 
 def _check_model(args: argparse.Namespace, config: dict[str, Any], height: int | None, width: int | None,
@@ -731,6 +853,7 @@ def _generate(args: argparse.Namespace) -> None:
     devices = available[: args.devices] if args.devices else available
     config = _peek_configs(args.model)
     _check_model(args, config, height, width, devices)
+    _check_hires_size(args, config, devices)
     if args.refiner:
         _check_model(args, {**_peek_configs(args.refiner), "unet": None}, height, width, devices)
 
@@ -752,7 +875,9 @@ def _generate(args: argparse.Namespace) -> None:
         names.vae, names.vae_hash = _name(args.vae), short_hash(args.vae)
     if "unet" not in config:  # a single file: the checks that need its configs run now
         unet = dataclasses.asdict(pipe.unet.config)
-        _check_model(args, {"unet": unet, "vae": dataclasses.asdict(pipe.vae.config)}, height, width, devices)
+        config = {"unet": unet, "vae": dataclasses.asdict(pipe.vae.config)}
+        _check_model(args, config, height, width, devices)
+        _check_hires_size(args, config, devices)
     if pipe.unet.config.in_channels == 9 and mask is None:
         raise UsageError(f"--mask: {names.model} is an inpainting model (9-channel UNet); give --image and --mask")
     if args.lora:
@@ -823,7 +948,7 @@ def _generate(args: argparse.Namespace) -> None:
             decoder = refiner
         elif image is None:
             result = pipe.text_to_image(prompts, seed=seed, height=args.height, width=args.width, output=kind,
-                                        **options)
+                                        **options, **_hires_options(args))
             decoder = pipe
         elif mask is None:
             result = pipe.image_to_image(prompts, image, seed=seed, strength=_strength(args), output=kind,
@@ -835,8 +960,10 @@ def _generate(args: argparse.Namespace) -> None:
             decoder = pipe
         latents = result if want_latents else None
         pictures = _decode(decoder, result) if want_latents else result
+        size = _base_size(args, pipe) if args.hires_scale is not None else None
         for i, picture in enumerate(pictures):
-            text = a1111_parameters(args, seed + i, picture.width, picture.height, names,
+            width, height = size or (picture.width, picture.height)  # with hires: A1111's Size is the first pass's
+            text = a1111_parameters(args, seed + i, width, height, names,
                                     extra={**cli_options.metadata(args), **control_fields})
             path = _write_numbered(out_dir, seed + i, args.format, lambda p, pic=picture, t=text: save_image(pic, p, t))
             written.append(path)
@@ -959,6 +1086,9 @@ def _main(argv: Sequence[str] | None) -> int:
             args = parser.parse_args(argv)
             if not args.image:
                 args.strength = None  # the source's strength applies only when --image is given again
+            elif not any(a.startswith("--hires") for a in (sys.argv[1:] if argv is None else argv)):
+                # the source's hires fix applies to text-to-image only
+                args.hires_scale = args.hires_strength = args.hires_steps = args.hires_upscaler = None
         args.run(args)
     except (UsageError, ValueError, FileNotFoundError, FileExistsError, ConfigError, CheckpointError,
             WeightMismatchError) as e:
