@@ -95,6 +95,12 @@ def _build_parser() -> argparse.ArgumentParser:
     model.add_argument("--embedding", action="append", default=[], metavar="PATH",
                        help="add a textual-inversion embedding, used in prompts by its file name; repeatable "
                             "(default: none)")
+    model.add_argument("--lora-dir", action="append", default=[], metavar="FOLDER",
+                       help="where <lora:NAME:WEIGHT> tags in --prompt find NAME.safetensors/.pt/.ckpt (A1111's "
+                            "extra networks; subfolders too); repeatable (default: none)")
+    model.add_argument("--hypernetwork-dir", action="append", default=[], metavar="FOLDER",
+                       help="where <hypernet:NAME:STRENGTH> tags in --prompt find NAME.pt; repeatable "
+                            "(default: none)")
     model.add_argument("--dtype", choices=DTYPES, default="float32", help="params and compute dtype")
     model.add_argument("--devices", type=int, help="run on the first N devices (default: all of them)")
 
@@ -316,6 +322,7 @@ class Names:
     refiner_hash: str | None = None
     loras: list[tuple[str, float, str]] = dataclasses.field(default_factory=list)  # name, weight, hash
     embeddings: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # name, hash
+    tag_loras: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # <lora:...> tags: name, hash
 
 
 def a1111_parameters(args: argparse.Namespace, seed: int, width: int, height: int, names: Names,
@@ -342,7 +349,8 @@ def a1111_parameters(args: argparse.Namespace, seed: int, width: int, height: in
         "Prompt 2": args.prompt_2, "Negative prompt 2": args.negative_prompt_2,
         "Refiner": f"{names.refiner} [{names.refiner_hash}]" if names.refiner else None,
         "Refiner switch at": f"{args.refiner_switch:g}" if names.refiner else None,
-        "Lora hashes": ", ".join(f"{n}: {h}" for n, _, h in names.loras) or None,
+        "Lora hashes": ", ".join([*(f"{n}: {h}" for n, _, h in names.loras),
+                                  *(f"{n}: {h}" for n, h in names.tag_loras)]) or None,
         "Lora weights": ", ".join(f"{n}: {w:g}" for n, w, _ in names.loras) or None,
         "TI hashes": ", ".join(f"{n}: {h}" for n, h in names.embeddings) or None,
         "Dtype": args.dtype if args.dtype != "float32" else None,
@@ -447,7 +455,8 @@ def _warn_about_source(args: argparse.Namespace, names: Names) -> None:
     if fields.get("Model hash") and names.model_hash and fields["Model hash"] != names.model_hash:
         _note(f"warning: --from-image was made with model {fields.get('Model', '?')} [{fields['Model hash']}], "
               f"this is {names.model} [{names.model_hash}]")
-    given_hashes = {"Lora hashes": {h for _, _, h in names.loras}, "TI hashes": {h for _, h in names.embeddings}}
+    given_hashes = {"Lora hashes": {h for _, _, h in names.loras} | {h for _, h in names.tag_loras},
+                    "TI hashes": {h for _, h in names.embeddings}}
     for key, given in given_hashes.items():
         recorded = {item.rpartition(":")[2].strip() for item in fields.get(key, "").split(",") if item.strip()}
         if recorded - given:
@@ -492,6 +501,20 @@ def _check_writable_folder(folder: Path, option: str) -> None:
         raise UsageError(f"{option} {folder}: {probe} is a file, not a folder")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise UsageError(f"{option} {folder}: {probe} is not writable")
+
+
+NETWORK_OPTIONS = {"lora": "--lora-dir", "hypernet": "--hypernetwork-dir"}
+
+
+def _check_prompt_networks(args: argparse.Namespace) -> None:
+    """A1111's <lora:...> / <hypernet:...> tags in --prompt: every file found before anything is loaded."""
+    from sdjax import extra_networks
+
+    try:
+        extra_networks.parse(args.prompt or "", lora_dir=args.lora_dir, hypernetwork_dir=args.hypernetwork_dir,
+                             options=NETWORK_OPTIONS)
+    except ValueError as e:
+        raise UsageError(f"--prompt: {e}") from None
 
 
 def _check_hires(args: argparse.Namespace) -> None:
@@ -548,6 +571,7 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.clip_skip is not None and args.clip_skip < 0:
         raise UsageError(f"--clip-skip must be >= 0, got {args.clip_skip}")
     _check_hires(args)
+    _check_prompt_networks(args)
     if args.mask and not args.image:
         raise UsageError("--mask needs --image")
     if args.strength is not None and not args.image:
@@ -890,6 +914,16 @@ def _generate(args: argparse.Namespace) -> None:
     for path in args.embedding:
         pipe = pipe.with_embeddings(path)
         names.embeddings.append((_name(path), short_hash(path)))
+    prompt = args.prompt
+    if args.prompt:
+        from sdjax import extra_networks
+
+        applied = extra_networks.apply(pipe, args.prompt, lora_dir=args.lora_dir,
+                                       hypernetwork_dir=args.hypernetwork_dir)
+        if applied.networks:
+            _note(f"applying {', '.join(f'<{n.kind}:{n.name}>' for n in applied.networks)} from the prompt")
+        pipe, prompt = applied.pipe, applied.prompts  # the metadata keeps the tags, as A1111's
+        names.tag_loras = [(n.label, n.short_hash()) for n in applied.networks if n.kind == "lora"]
     refiner = None
     if args.refiner:
         _note(f"loading refiner {args.refiner}")
@@ -936,7 +970,7 @@ def _generate(args: argparse.Namespace) -> None:
     want_latents = args.save_latents
     for first in range(0, args.count, batch_size):
         n = min(batch_size, args.count - first)
-        prompts = [args.prompt] * n
+        prompts = [prompt] * n
         seed = args.seed + first  # image i of the request is the image seed + i gives alone
         progress.begin_batch()
         kind = "latent" if want_latents or refiner is not None else "pil"

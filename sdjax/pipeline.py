@@ -137,6 +137,8 @@ class Pipeline:
         ``options``: SDXL's ``prompt_2``, ``negative_prompt_2``, ``original_size``, ``crops_coords_top_left``,
         ``target_size`` (and their ``negative_`` forms), ``denoising_end`` (base -> refiner hand-off); for
         any model also ``progress`` (a ``(step, total)`` callback) and ``mesh`` (a Mesh with a "data" axis).
+        ``lora_dir`` / ``hypernetwork_dir`` (any task): folders for A1111's ``<lora:name:0.8>`` /
+        ``<hypernet:name:1.0>`` tags in the prompt (:mod:`sdjax.extra_networks`), applied and removed from it.
         ``eta``: None uses the sampler's own (DDIM 0; ancestral and SDE samplers 1, as diffusers).
         ``prompt_embeds`` / ``negative_prompt_embeds`` (and SDXL's ``pooled_prompt_embeds``,
         ``negative_pooled_prompt_embeds``) instead of text, in diffusers' layouts (e.g. from
@@ -151,7 +153,9 @@ class Pipeline:
         if any(v is not None for v in hires.values()):
             from sdjax.hires import HiresOptions, hires_fix
 
-            return hires_fix(self, arguments, HiresOptions.build(*hires.values()))
+            options = HiresOptions.build(*hires.values())
+            pipe, arguments = self._with_prompt_networks(arguments)
+            return hires_fix(pipe, arguments, options)
         return self._generate("text", arguments)
 
     def image_to_image(
@@ -180,13 +184,29 @@ class Pipeline:
         the mask after every step). Returns as :meth:`text_to_image`."""
         return self._generate("inpaint", _arguments(locals()))
 
+    def _with_prompt_networks(self, arguments: dict[str, Any]) -> tuple[Pipeline, dict[str, Any]]:
+        """A1111's ``<lora:...>`` / ``<hypernet:...>`` tags (:mod:`sdjax.extra_networks`): this pipeline with them
+        applied, and the arguments with the tags out of the prompts and ``lora_dir`` / ``hypernetwork_dir``
+        taken out of the options."""
+        extra = dict(arguments["options"])
+        folders = {k: extra.pop(k, None) for k in ("lora_dir", "hypernetwork_dir")}
+        arguments = {**arguments, "options": extra}
+        prompt = arguments.get("prompt")
+        if not (isinstance(prompt, str) or (isinstance(prompt, list | tuple) and prompt
+                                            and all(isinstance(p, str) for p in prompt))):
+            return self, arguments  # embeddings, or a prompt Request.build will refuse
+        from sdjax.extra_networks import apply
+
+        applied = apply(self, prompt, **folders)
+        return applied.pipe, {**arguments, "prompt": applied.prompts}
+
     def _generate(self, task: str, options: dict[str, Any]) -> Any:
         from sdjax.generation import Request, run
 
+        pipe, options = self._with_prompt_networks(options)
         extra = options.pop("options")
         execution = {k: extra.pop(k) for k in ("progress", "mesh", "image_index_offset") if k in extra}
         request = Request.build(task, options.pop("prompt"), **options, **extra)
-        pipe = self
         for adapter in request.ip_adapter.adapters if request.ip_adapter else ():
             if not any(adapter is a for a in pipe.ip_adapters):
                 pipe = pipe.with_ip_adapter(adapter)  # params for this call (prefer with_ip_adapter once)
