@@ -105,6 +105,10 @@ def _file(tmp_path: Path, name: str = "file") -> Path:
     (["--hires-scale", "300", "--height", "64", "--width", "64", "--format", "webp"], "the hires height 19200"),
     (["--hires-scale", "200", "--height", "512", "--width", "512"], "--hires-scale 200: --height 102400"),
     (["--hires-scale", "2", "--hires-strength", "0.01", "--steps", "20"], "a schedule of 2000 steps"),
+    (["--prompt", "a <lora:ink:0.5>"], "--prompt: the prompt has <lora:ink>: give --lora-dir"),
+    (["--prompt", "a <hypernet:anime>"], "give --hypernetwork-dir"),
+    (["--prompt", "a <lora:ink>", "--lora-dir", "/no/such/folder"], "--lora-dir '/no/such/folder' is not a folder"),
+    (["--prompt", "a <lyco:ink>"], "<lora:...> and <hypernet:...> tags only"),
 ])
 def test_bad_values_are_one_message_naming_the_option(no_work, tmp_path, capsys, argv, message) -> None:
     code, err = _main(capsys, "generate", "--prompt", "x", "--out", str(tmp_path / "out"), *argv)
