@@ -6,6 +6,9 @@ bytes, fed in the order of their paths relative to the folder (``unet/...`` afte
 files ending in .safetensors, .bin, .ckpt, .pt, .pth, .msgpack, and everything under an sdjax checkpoint's
 ``params/``. Configs and tokenizers are left out. Results are cached by path, size and modification time in
 ``$XDG_CACHE_HOME/sdjax/hashes.json`` (``~/.cache``), as hashing a 7 GB checkpoint takes seconds.
+
+LoRAs named by prompt tags are recorded as A1111 records them: :func:`lora_short_hash` (12 digits of kohya's
+"addnet" hash for safetensors files).
 """
 
 from __future__ import annotations
