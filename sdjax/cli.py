@@ -777,8 +777,9 @@ class Progress:
     """Sampling progress: a tqdm bar on a terminal, else a plain line every ``interval`` seconds (and at each
     batch's end). Counts from a batch's first finished step, so compile time never shows as a slow step."""
 
-    def __init__(self, steps: int, batches: int, *, interval: float = 10.0) -> None:
+    def __init__(self, steps: int, batches: int, *, interval: float = 10.0, more_steps: int = 0) -> None:
         self.steps, self.batches, self.interval = steps, batches, interval
+        self.more_steps = more_steps  # a second pass's steps per batch (the hires fix)
         self.tty = sys.stderr.isatty()
         self.bar: Any = None
         self.batch = 0
@@ -801,7 +802,8 @@ class Progress:
             if self.tty and self.bar is None:
                 from tqdm import tqdm
 
-                self.bar = tqdm(total=(total - step + 1) * self.batches, unit="step", desc="sampling", file=sys.stderr)
+                self.bar = tqdm(total=(total - step + 1 + self.more_steps) * self.batches, unit="step",
+                                desc="sampling", file=sys.stderr)
         if self.bar is not None:
             self.bar.update(1)
         elif now - self.last_print >= self.interval or step == total:
@@ -959,7 +961,8 @@ def _generate(args: argparse.Namespace) -> None:
         options["negative_prompt_2"] = args.negative_prompt_2
     batch_size = min(args.batch_size or args.count, args.count)
     batches = -(-args.count // batch_size)
-    progress = Progress(args.steps, batches)
+    progress = Progress(args.steps, batches,
+                        more_steps=(args.hires_steps or args.steps) if args.hires_scale is not None else 0)
     options["progress"] = progress
     out_dir = Path(args.out)
     written: list[Path] = []
