@@ -96,6 +96,12 @@ def _build_parser() -> argparse.ArgumentParser:
     model.add_argument("--embedding", action="append", default=[], metavar="PATH",
                        help="add a textual-inversion embedding, used in prompts by its file name; repeatable "
                             "(default: none)")
+    model.add_argument("--lora-dir", action="append", default=[], metavar="FOLDER",
+                       help="where <lora:NAME:WEIGHT> tags in --prompt find NAME.safetensors/.pt/.ckpt (A1111's "
+                            "extra networks; subfolders too); repeatable (default: none)")
+    model.add_argument("--hypernetwork-dir", action="append", default=[], metavar="FOLDER",
+                       help="where <hypernet:NAME:STRENGTH> tags in --prompt find NAME.pt; repeatable "
+                            "(default: none)")
     model.add_argument("--dtype", choices=DTYPES, default="float32", help="params and compute dtype")
     model.add_argument("--devices", type=int, help="run on the first N devices (default: all of them)")
 
@@ -143,6 +149,19 @@ def _build_parser() -> argparse.ArgumentParser:
                                                 "or --image's)")
     size.add_argument("-n", "--count", type=int, default=1, help="number of images")
     size.add_argument("--batch-size", type=int, help="images per batch (default: all at once)")
+
+    hires = gen.add_argument_group("hires fix (A1111's: generate, upscale, image-to-image at the new size)")
+    hires.add_argument("--hires-scale", type=float, metavar="SCALE",
+                       help="turn on the hires fix: upscale the image by SCALE (>= 1) and re-draw it "
+                            "(default: off)")
+    hires.add_argument("--hires-strength", type=float,
+                       help="denoising strength of the hires pass, in (0, 1] (default: 0.7, A1111's)")
+    hires.add_argument("--hires-steps", type=int,
+                       help="steps the hires pass runs; 0 = --steps (default: 0, as A1111)")
+    hires.add_argument("--hires-upscaler", metavar="NAME",
+                       help="A1111's upscaler names, any case: 'Latent' (bilinear), 'Latent (antialiased)', "
+                            "'Latent (bicubic)', 'Latent (bicubic antialiased)', 'Latent (nearest)', "
+                            "'Latent (nearest-exact)', or in pixels 'Lanczos', 'Nearest' (default: Latent)")
 
     img = gen.add_argument_group("image-to-image and inpainting")
     img.add_argument("--image", help="input image for image-to-image / inpainting (default: none)")
@@ -307,6 +326,7 @@ class Names:
     refiner_hash: str | None = None
     loras: list[tuple[str, float, str]] = dataclasses.field(default_factory=list)  # name, weight, hash
     embeddings: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # name, hash
+    tag_loras: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # <lora:...> tags: name, hash
 
 
 def a1111_parameters(args: argparse.Namespace, seed: int, width: int, height: int, names: Names,
@@ -326,7 +346,7 @@ def a1111_parameters(args: argparse.Namespace, seed: int, width: int, height: in
         "Steps": args.steps, "Sampler": a1111_name(args.sampler, schedule), "CFG scale": f"{args.guidance:g}",
         "Seed": seed, "Size": f"{width}x{height}", "Model hash": names.model_hash, "Model": names.model,
         "VAE hash": names.vae_hash, "VAE": names.vae,
-        "Denoising strength": f"{_strength(args):g}" if args.image else None,
+        "Denoising strength": f"{_strength(args):g}" if args.image else _hires_strength(args),
         "Clip skip": args.clip_skip + 1 if args.clip_skip is not None else None,  # A1111 counts the last as 1
         "Emphasis": _emphasis_field(getattr(args, "emphasis", "original")),
         "CFG rescale": f"{args.guidance_rescale:g}" if args.guidance_rescale else None,
@@ -334,10 +354,12 @@ def a1111_parameters(args: argparse.Namespace, seed: int, width: int, height: in
         "Prompt 2": args.prompt_2, "Negative prompt 2": args.negative_prompt_2,
         "Refiner": f"{names.refiner} [{names.refiner_hash}]" if names.refiner else None,
         "Refiner switch at": f"{args.refiner_switch:g}" if names.refiner else None,
-        "Lora hashes": ", ".join(f"{n}: {h}" for n, _, h in names.loras) or None,
+        "Lora hashes": ", ".join([*(f"{n}: {h}" for n, _, h in names.loras),
+                                  *(f"{n}: {h}" for n, h in names.tag_loras)]) or None,
         "Lora weights": ", ".join(f"{n}: {w:g}" for n, w, _ in names.loras) or None,
         "TI hashes": ", ".join(f"{n}: {h}" for n, h in names.embeddings) or None,
         "Dtype": args.dtype if args.dtype != "float32" else None,
+        **_hires_fields(args),
         "Version": f"sdjax {_version()}",
     }
     return format_parameters(args.prompt, args.negative_prompt, fields, extra)
@@ -346,6 +368,24 @@ def a1111_parameters(args: argparse.Namespace, seed: int, width: int, height: in
 def _emphasis_field(mode: str) -> str | None:
     """A1111 writes its emphasis setting ("Emphasis: No norm") only when it is not the default, Original."""
     return None if mode == "original" else EMPHASIS_NAMES.get(mode, mode)
+
+
+def _hires_strength(args: argparse.Namespace) -> str | None:
+    from sdjax.hires import DEFAULT_STRENGTH
+
+    if getattr(args, "hires_scale", None) is None:
+        return None
+    return f"{args.hires_strength if args.hires_strength is not None else DEFAULT_STRENGTH:g}"
+
+
+def _hires_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """A1111's hires keys (its Size stays the first pass's; "Hires steps" only when not the base steps)."""
+    from sdjax.hires import DEFAULT_UPSCALER, resolve_upscaler
+
+    if getattr(args, "hires_scale", None) is None:
+        return {}
+    return {"Hires upscale": f"{args.hires_scale:g}", "Hires steps": args.hires_steps or None,
+            "Hires upscaler": resolve_upscaler(args.hires_upscaler or DEFAULT_UPSCALER)}
 
 
 _SCHEDULE_TYPES = {"karras": "karras", "exponential": "exponential", "automatic": None, "uniform": "default"}
@@ -389,7 +429,15 @@ def defaults_from_image(path: str) -> dict[str, Any]:
             elif schedule is None and "karras" in get_sampler(sampler).sigma_schedules:
                 schedule = "default"  # an A1111 name without a suffix is the plain schedule
             out["sampler"], out["schedule"] = sampler, schedule
-        if "Denoising strength" in p:
+        if "Hires upscale" in p:  # a hires-fix image: its Denoising strength is the hires pass's
+            out["hires_scale"] = float(p["Hires upscale"])
+            if "Denoising strength" in p:
+                out["hires_strength"] = float(p["Denoising strength"])
+            if "Hires steps" in p:
+                out["hires_steps"] = int(p["Hires steps"])
+            if "Hires upscaler" in p:
+                out["hires_upscaler"] = p["Hires upscaler"]
+        elif "Denoising strength" in p:
             out["strength"] = float(p["Denoising strength"])
         if "Clip skip" in p and int(p["Clip skip"]) > 1:
             out["clip_skip"] = int(p["Clip skip"]) - 1
@@ -422,7 +470,8 @@ def _warn_about_source(args: argparse.Namespace, names: Names) -> None:
     if fields.get("Model hash") and names.model_hash and fields["Model hash"] != names.model_hash:
         _note(f"warning: --from-image was made with model {fields.get('Model', '?')} [{fields['Model hash']}], "
               f"this is {names.model} [{names.model_hash}]")
-    given_hashes = {"Lora hashes": {h for _, _, h in names.loras}, "TI hashes": {h for _, h in names.embeddings}}
+    given_hashes = {"Lora hashes": {h for _, _, h in names.loras} | {h for _, h in names.tag_loras},
+                    "TI hashes": {h for _, h in names.embeddings}}
     for key, given in given_hashes.items():
         recorded = {item.rpartition(":")[2].strip() for item in fields.get(key, "").split(",") if item.strip()}
         if recorded - given:
@@ -469,6 +518,45 @@ def _check_writable_folder(folder: Path, option: str) -> None:
         raise UsageError(f"{option} {folder}: {probe} is not writable")
 
 
+NETWORK_OPTIONS = {"lora": "--lora-dir", "hypernet": "--hypernetwork-dir"}
+
+
+def _check_prompt_networks(args: argparse.Namespace) -> None:
+    """A1111's <lora:...> / <hypernet:...> tags in --prompt: every file found before anything is loaded."""
+    from sdjax import extra_networks
+
+    try:
+        extra_networks.parse(args.prompt or "", lora_dir=args.lora_dir, hypernetwork_dir=args.hypernetwork_dir,
+                             options=NETWORK_OPTIONS)
+    except ValueError as e:
+        raise UsageError(f"--prompt: {e}") from None
+
+
+def _check_hires(args: argparse.Namespace) -> None:
+    from sdjax.hires import resolve_upscaler
+
+    if args.hires_scale is None:
+        for option in ("hires_strength", "hires_steps", "hires_upscaler"):
+            if getattr(args, option) is not None:
+                raise UsageError(f"--{option.replace('_', '-')} needs --hires-scale")
+        return
+    if not args.hires_scale >= 1.0:
+        raise UsageError(f"--hires-scale must be at least 1, got {args.hires_scale:g}")
+    if args.hires_strength is not None and not 0.0 < args.hires_strength <= 1.0:
+        raise UsageError(f"--hires-strength must be in (0, 1], got {args.hires_strength:g}")
+    if args.hires_steps is not None and args.hires_steps < 0:
+        raise UsageError(f"--hires-steps must be >= 0 (0: --steps), got {args.hires_steps}")
+    if args.hires_upscaler is not None:
+        try:
+            resolve_upscaler(args.hires_upscaler)
+        except ValueError as e:
+            raise UsageError(f"--hires-upscaler: {e}") from None
+    if args.image:
+        raise UsageError("--hires-scale works with text-to-image only (no --image)")
+    if args.refiner:
+        raise UsageError("--hires-scale does not combine with --refiner")
+
+
 def _check_args(args: argparse.Namespace) -> None:
     """Every check that needs no model: values, files and folders."""
     from sdjax.images import MAX_SIZE
@@ -497,6 +585,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--strength must be in (0, 1], got {args.strength:g}")
     if args.clip_skip is not None and args.clip_skip < 0:
         raise UsageError(f"--clip-skip must be >= 0, got {args.clip_skip}")
+    _check_hires(args)
+    _check_prompt_networks(args)
     if args.mask and not args.image:
         raise UsageError("--mask needs --image")
     if args.strength is not None and not args.image:
@@ -570,6 +660,62 @@ def _peek_configs(model: str | None) -> dict[str, Any]:
         except (OSError, ValueError):
             pass
     return info
+
+
+def _hires_options(args: argparse.Namespace) -> dict[str, Any]:
+    if args.hires_scale is None:
+        return {}
+    return {"hires_scale": args.hires_scale, "hires_strength": args.hires_strength,
+            "hires_steps": args.hires_steps, "hires_upscaler": args.hires_upscaler}
+
+
+def _base_size(args: argparse.Namespace, pipe: Any) -> tuple[int, int]:
+    """(width, height) of the first pass."""
+    return args.width or pipe.default_size, args.height or pipe.default_size
+
+
+def _check_hires_size(args: argparse.Namespace, config: dict[str, Any], devices: list[Any]) -> None:
+    """The hires size fits the format and the memory (the base size was checked already)."""
+    from sdjax.hires import target_size
+    from sdjax.images import MAX_SIZE
+
+    if args.hires_scale is None:
+        return
+    unet, vae = config.get("unet") or {}, config.get("vae") or {}
+    if args.height is None and not unet.get("sample_size"):
+        return  # a single file: checked again once loaded
+    factor = 2 ** (len(vae.get("block_out_channels") or (0, 0, 0, 0)) - 1)
+    default = int(unet.get("sample_size") or 0) * factor
+    height, width = target_size(args.height or default, args.width or default, args.hires_scale, factor)
+    for name, value in (("height", height), ("width", width)):
+        if value > MAX_SIZE[args.format]:
+            raise UsageError(f"--hires-scale {args.hires_scale:g}: the hires {name} {value} is more than "
+                             f"--format {args.format} stores ({MAX_SIZE[args.format]})")
+    if min(height, width) < factor:
+        raise UsageError(f"--hires-scale {args.hires_scale:g}: the hires size {width}x{height} is too small")
+    try:
+        _check_model(args, config, height, width, devices)
+    except UsageError as e:
+        raise UsageError(f"--hires-scale {args.hires_scale:g}: {e}") from None
+    _check_hires_steps(args)
+
+
+def _check_hires_steps(args: argparse.Namespace) -> None:
+    """A1111's hires pass runs its steps at the end of a longer schedule, which the model's must cover."""
+    from sdjax.hires import DEFAULT_STRENGTH, hires_schedule
+    from sdjax.loaders import DEFAULT_MODEL
+
+    steps = args.hires_steps or args.steps
+    strength = args.hires_strength if args.hires_strength is not None else DEFAULT_STRENGTH
+    total, _ = hires_schedule(steps, strength)
+    try:
+        scheduler = json.loads((Path(args.model or DEFAULT_MODEL) / "scheduler" / "scheduler_config.json").read_text())
+        limit = int(scheduler.get("num_train_timesteps", 1000))
+    except (OSError, ValueError):
+        limit = 1000  # single files: the SD families' count
+    if total > limit:
+        raise UsageError(f"--hires-strength {strength:g} with {steps} hires steps needs a schedule of {total} "
+                         f"steps, more than the model's {limit}: raise --hires-strength or lower --hires-steps")
 
 
 def _check_model(args: argparse.Namespace, config: dict[str, Any], height: int | None, width: int | None,
@@ -646,8 +792,9 @@ class Progress:
     """Sampling progress: a tqdm bar on a terminal, else a plain line every ``interval`` seconds (and at each
     batch's end). Counts from a batch's first finished step, so compile time never shows as a slow step."""
 
-    def __init__(self, steps: int, batches: int, *, interval: float = 10.0) -> None:
+    def __init__(self, steps: int, batches: int, *, interval: float = 10.0, more_steps: int = 0) -> None:
         self.steps, self.batches, self.interval = steps, batches, interval
+        self.more_steps = more_steps  # a second pass's steps per batch (the hires fix)
         self.tty = sys.stderr.isatty()
         self.bar: Any = None
         self.batch = 0
@@ -670,7 +817,8 @@ class Progress:
             if self.tty and self.bar is None:
                 from tqdm import tqdm
 
-                self.bar = tqdm(total=(total - step + 1) * self.batches, unit="step", desc="sampling", file=sys.stderr)
+                self.bar = tqdm(total=(total - step + 1 + self.more_steps) * self.batches, unit="step",
+                                desc="sampling", file=sys.stderr)
         if self.bar is not None:
             self.bar.update(1)
         elif now - self.last_print >= self.interval or step == total:
@@ -746,6 +894,7 @@ def _generate(args: argparse.Namespace) -> None:
     devices = available[: args.devices] if args.devices else available
     config = _peek_configs(args.model)
     _check_model(args, config, height, width, devices)
+    _check_hires_size(args, config, devices)
     if args.refiner:
         _check_model(args, {**_peek_configs(args.refiner), "unet": None}, height, width, devices)
 
@@ -767,7 +916,9 @@ def _generate(args: argparse.Namespace) -> None:
         names.vae, names.vae_hash = _name(args.vae), short_hash(args.vae)
     if "unet" not in config:  # a single file: the checks that need its configs run now
         unet = dataclasses.asdict(pipe.unet.config)
-        _check_model(args, {"unet": unet, "vae": dataclasses.asdict(pipe.vae.config)}, height, width, devices)
+        config = {"unet": unet, "vae": dataclasses.asdict(pipe.vae.config)}
+        _check_model(args, config, height, width, devices)
+        _check_hires_size(args, config, devices)
     if pipe.unet.config.in_channels == 9 and mask is None:
         raise UsageError(f"--mask: {names.model} is an inpainting model (9-channel UNet); give --image and --mask")
     if args.lora:
@@ -780,6 +931,16 @@ def _generate(args: argparse.Namespace) -> None:
     for path in args.embedding:
         pipe = pipe.with_embeddings(path)
         names.embeddings.append((_name(path), short_hash(path)))
+    prompt = args.prompt
+    if args.prompt:
+        from sdjax import extra_networks
+
+        applied = extra_networks.apply(pipe, args.prompt, lora_dir=args.lora_dir,
+                                       hypernetwork_dir=args.hypernetwork_dir)
+        if applied.networks:
+            _note(f"applying {', '.join(f'<{n.kind}:{n.name}>' for n in applied.networks)} from the prompt")
+        pipe, prompt = applied.pipe, applied.prompts  # the metadata keeps the tags, as A1111's
+        names.tag_loras = [(n.label, n.short_hash()) for n in applied.networks if n.kind == "lora"]
     refiner = None
     if args.refiner:
         _note(f"loading refiner {args.refiner}")
@@ -815,7 +976,8 @@ def _generate(args: argparse.Namespace) -> None:
         options["negative_prompt_2"] = args.negative_prompt_2
     batch_size = min(args.batch_size or args.count, args.count)
     batches = -(-args.count // batch_size)
-    progress = Progress(args.steps, batches)
+    progress = Progress(args.steps, batches,
+                        more_steps=(args.hires_steps or args.steps) if args.hires_scale is not None else 0)
     options["progress"] = progress
     out_dir = Path(args.out)
     written: list[Path] = []
@@ -826,7 +988,7 @@ def _generate(args: argparse.Namespace) -> None:
     want_latents = args.save_latents
     for first in range(0, args.count, batch_size):
         n = min(batch_size, args.count - first)
-        prompts = [args.prompt] * n
+        prompts = [prompt] * n
         seed = args.seed + first  # image i of the request is the image seed + i gives alone
         progress.begin_batch()
         kind = "latent" if want_latents or refiner is not None else "pil"
@@ -838,7 +1000,7 @@ def _generate(args: argparse.Namespace) -> None:
             decoder = refiner
         elif image is None:
             result = pipe.text_to_image(prompts, seed=seed, height=args.height, width=args.width, output=kind,
-                                        **options)
+                                        **options, **_hires_options(args))
             decoder = pipe
         elif mask is None:
             result = pipe.image_to_image(prompts, image, seed=seed, strength=_strength(args), output=kind,
@@ -850,8 +1012,10 @@ def _generate(args: argparse.Namespace) -> None:
             decoder = pipe
         latents = result if want_latents else None
         pictures = _decode(decoder, result) if want_latents else result
+        size = _base_size(args, pipe) if args.hires_scale is not None else None
         for i, picture in enumerate(pictures):
-            text = a1111_parameters(args, seed + i, picture.width, picture.height, names,
+            width, height = size or (picture.width, picture.height)  # with hires: A1111's Size is the first pass's
+            text = a1111_parameters(args, seed + i, width, height, names,
                                     extra={**cli_options.metadata(args), **control_fields})
             path = _write_numbered(out_dir, seed + i, args.format, lambda p, pic=picture, t=text: save_image(pic, p, t))
             written.append(path)
@@ -974,6 +1138,9 @@ def _main(argv: Sequence[str] | None) -> int:
             args = parser.parse_args(argv)
             if not args.image:
                 args.strength = None  # the source's strength applies only when --image is given again
+            elif not any(a.startswith("--hires") for a in (sys.argv[1:] if argv is None else argv)):
+                # the source's hires fix applies to text-to-image only
+                args.hires_scale = args.hires_strength = args.hires_steps = args.hires_upscaler = None
         args.run(args)
     except (UsageError, ValueError, FileNotFoundError, FileExistsError, ConfigError, CheckpointError,
             WeightMismatchError) as e:

@@ -6,6 +6,9 @@ bytes, fed in the order of their paths relative to the folder (``unet/...`` afte
 files ending in .safetensors, .bin, .ckpt, .pt, .pth, .msgpack, and everything under an sdjax checkpoint's
 ``params/``. Configs and tokenizers are left out. Results are cached by path, size and modification time in
 ``$XDG_CACHE_HOME/sdjax/hashes.json`` (``~/.cache``), as hashing a 7 GB checkpoint takes seconds.
+
+LoRAs named by prompt tags are recorded as A1111 records them: :func:`lora_short_hash` (12 digits of kohya's
+"addnet" hash for safetensors files).
 """
 
 from __future__ import annotations
@@ -69,3 +72,45 @@ def _write_cache(cache: dict[str, str]) -> None:
         os.replace(tmp, file)
     except OSError:
         pass  # a cache that can't be written only costs time
+
+
+def safetensors_metadata(path: str | Path) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file's header ({} when absent or unreadable)."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if size > 100 << 20:
+                return {}
+            header = json.loads(f.read(size))
+    except (OSError, ValueError):
+        return {}
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    return {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {}
+
+
+def lora_short_hash(path: str | Path) -> str:
+    """A1111's ``Lora hashes`` entry for a LoRA file: the first 12 hex digits of its ``sshs_model_hash`` metadata,
+    else of kohya's "addnet" hash for .safetensors (SHA-256 of the bytes after the header), else of the file's
+    SHA-256 (A1111's ``NetworkOnDisk.shorthash``)."""
+    path = Path(path).absolute()
+    if path.suffix.lower() != ".safetensors":
+        return _sha256(path, skip_header=False)[:12]
+    given = safetensors_metadata(path).get("sshs_model_hash")
+    return given[:12] if given else _sha256(path, skip_header=True)[:12]
+
+
+def _sha256(path: Path, *, skip_header: bool) -> str:
+    stat = path.stat()
+    key = f"{'addnet' if skip_header else 'sha256'}|{path.as_posix()}|{stat.st_size}:{stat.st_mtime_ns}"
+    cache = _read_cache()
+    if key in cache:
+        return cache[key]
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        if skip_header:
+            f.seek(8 + int.from_bytes(f.read(8), "little"))
+        while block := f.read(_BLOCK):
+            digest.update(block)
+    cache[key] = digest.hexdigest()
+    _write_cache(cache)
+    return cache[key]

@@ -120,7 +120,9 @@ class Pipeline:
         num_steps: int = 30, guidance: Any = None, guidance_scale: Any = None, sampler: str = "euler",
         schedule: str | None = None, seed: int = 0, latents: Any = None, height: int | None = None,
         width: int | None = None, clip_skip: int | None = None, guidance_rescale: float = 0.0,
-        eta: float | None = None, output: str = "np", **options: Any,
+        eta: float | None = None, output: str = "np", hires_scale: float | None = None,
+        hires_strength: float | None = None, hires_steps: int | None = None, hires_upscaler: str | None = None,
+        **options: Any,
     ) -> Any:
         """Generate images from text. Returns (B, H, W, 3) float32 in [0, 1] (``output="np"``), a list of PIL
         images (``"pil"``) or the final latents in diffusers' (B, C, H/8, W/8) layout (``"latent"``).
@@ -135,12 +137,26 @@ class Pipeline:
         ``options``: SDXL's ``prompt_2``, ``negative_prompt_2``, ``original_size``, ``crops_coords_top_left``,
         ``target_size`` (and their ``negative_`` forms), ``denoising_end`` (base -> refiner hand-off); for
         any model also ``progress`` (a ``(step, total)`` callback) and ``mesh`` (a Mesh with a "data" axis).
+        ``lora_dir`` / ``hypernetwork_dir`` (any task): folders for A1111's ``<lora:name:0.8>`` /
+        ``<hypernet:name:1.0>`` tags in the prompt (:mod:`sdjax.extra_networks`), applied and removed from it.
         ``eta``: None uses the sampler's own (DDIM 0; ancestral and SDE samplers 1, as diffusers).
         ``prompt_embeds`` / ``negative_prompt_embeds`` (and SDXL's ``pooled_prompt_embeds``,
         ``negative_pooled_prompt_embeds``) instead of text, in diffusers' layouts (e.g. from
         :meth:`encode_prompt`); any task takes them.
+        ``hires_scale``: A1111's hires fix (:mod:`sdjax.hires`): generate at ``height`` x ``width``, upscale by
+        ``hires_scale`` with ``hires_upscaler`` (A1111's names: "Latent" (default, bilinear), "Latent (bicubic)",
+        "Latent (nearest)", ..., or "Lanczos" in pixels), then image-to-image at ``hires_strength`` (default
+        0.7) for ``hires_steps`` steps (default: ``num_steps``), all in this call.
         """
-        return self._generate("text", _arguments(locals()))
+        arguments = _arguments(locals())
+        hires = {k: arguments.pop(k) for k in ("hires_scale", "hires_strength", "hires_steps", "hires_upscaler")}
+        if any(v is not None for v in hires.values()):
+            from sdjax.hires import HiresOptions, hires_fix
+
+            options = HiresOptions.build(*hires.values())
+            pipe, arguments = self._with_prompt_networks(arguments)
+            return hires_fix(pipe, arguments, options)
+        return self._generate("text", arguments)
 
     def image_to_image(
         self, prompt: str | list[str], image: Any, *, strength: float = 0.8,
@@ -150,8 +166,9 @@ class Pipeline:
         output: str = "np", **options: Any,
     ) -> Any:
         """Re-draw ``image`` (PIL image(s) or an array in [0, 1]) guided by ``prompt``; ``strength`` picks how
-        much of the schedule runs (1.0 = all of it). ``image`` may also be latents in diffusers' layout, e.g.
-        an SDXL base's ``output="latent"`` for the refiner with ``denoising_start``; SDXL's refiner also takes
+        much of the schedule runs (1.0 = all of it). ``image`` may also be latents in diffusers' layout (scaled,
+        as ``output="latent"`` gives): noised to the start step as encoded pixels are, or, with
+        ``denoising_start``, taken as already noised (an SDXL base's hand-off to the refiner); SDXL's refiner also takes
         ``aesthetic_score`` / ``negative_aesthetic_score``. Returns as :meth:`text_to_image`."""
         return self._generate("image", _arguments(locals()))
 
@@ -167,13 +184,29 @@ class Pipeline:
         the mask after every step). Returns as :meth:`text_to_image`."""
         return self._generate("inpaint", _arguments(locals()))
 
+    def _with_prompt_networks(self, arguments: dict[str, Any]) -> tuple[Pipeline, dict[str, Any]]:
+        """A1111's ``<lora:...>`` / ``<hypernet:...>`` tags (:mod:`sdjax.extra_networks`): this pipeline with them
+        applied, and the arguments with the tags out of the prompts and ``lora_dir`` / ``hypernetwork_dir``
+        taken out of the options."""
+        extra = dict(arguments["options"])
+        folders = {k: extra.pop(k, None) for k in ("lora_dir", "hypernetwork_dir")}
+        arguments = {**arguments, "options": extra}
+        prompt = arguments.get("prompt")
+        if not (isinstance(prompt, str) or (isinstance(prompt, list | tuple) and prompt
+                                            and all(isinstance(p, str) for p in prompt))):
+            return self, arguments  # embeddings, or a prompt Request.build will refuse
+        from sdjax.extra_networks import apply
+
+        applied = apply(self, prompt, **folders)
+        return applied.pipe, {**arguments, "prompt": applied.prompts}
+
     def _generate(self, task: str, options: dict[str, Any]) -> Any:
         from sdjax.generation import Request, run
 
+        pipe, options = self._with_prompt_networks(options)
         extra = options.pop("options")
         execution = {k: extra.pop(k) for k in ("progress", "mesh", "image_index_offset") if k in extra}
         request = Request.build(task, options.pop("prompt"), **options, **extra)
-        pipe = self
         for adapter in request.ip_adapter.adapters if request.ip_adapter else ():
             if not any(adapter is a for a in pipe.ip_adapters):
                 pipe = pipe.with_ip_adapter(adapter)  # params for this call (prefer with_ip_adapter once)

@@ -95,6 +95,20 @@ def _file(tmp_path: Path, name: str = "file") -> Path:
     (["--devices", "0"], "--devices must be at least 1"),
     (["--devices", "4096"], "--devices 4096: only"),
     (["--clip-skip", "-1"], "--clip-skip must be >= 0"),
+    (["--hires-strength", "0.5"], "--hires-strength needs --hires-scale"),
+    (["--hires-upscaler", "Latent"], "--hires-upscaler needs --hires-scale"),
+    (["--hires-scale", "0.5"], "--hires-scale must be at least 1"),
+    (["--hires-scale", "2", "--hires-strength", "1.5"], "--hires-strength must be in (0, 1]"),
+    (["--hires-scale", "2", "--hires-steps", "-1"], "--hires-steps must be >= 0"),
+    (["--hires-scale", "2", "--hires-upscaler", "ESRGAN_4x"], "--hires-upscaler: hires_upscaler 'ESRGAN_4x'"),
+    (["--hires-scale", "2", "--image", "in.png"], "--hires-scale works with text-to-image only"),
+    (["--hires-scale", "300", "--height", "64", "--width", "64", "--format", "webp"], "the hires height 19200"),
+    (["--hires-scale", "200", "--height", "512", "--width", "512"], "--hires-scale 200: --height 102400"),
+    (["--hires-scale", "2", "--hires-strength", "0.01", "--steps", "20"], "a schedule of 2000 steps"),
+    (["--prompt", "a <lora:ink:0.5>"], "--prompt: the prompt has <lora:ink>: give --lora-dir"),
+    (["--prompt", "a <hypernet:anime>"], "give --hypernetwork-dir"),
+    (["--prompt", "a <lora:ink>", "--lora-dir", "/no/such/folder"], "--lora-dir '/no/such/folder' is not a folder"),
+    (["--prompt", "a <lyco:ink>"], "<lora:...> and <hypernet:...> tags only"),
 ])
 def test_bad_values_are_one_message_naming_the_option(no_work, tmp_path, capsys, argv, message) -> None:
     code, err = _main(capsys, "generate", "--prompt", "x", "--out", str(tmp_path / "out"), *argv)

@@ -3,8 +3,8 @@
 The three tasks differ only in their initial state and per-step masking:
 
 - text-to-image: pure noise, all steps;
-- image-to-image: the VAE-encoded image noised to the step that ``strength`` picks (SDXL's refiner:
-  the base's latents as they are, from ``denoising_start``);
+- image-to-image: the VAE-encoded image (or latents given as the image) noised to the step that ``strength``
+  picks (SDXL's refiner: the base's latents as they are, from ``denoising_start``);
 - inpainting: as image-to-image, plus either the mask and masked image as extra UNet channels (9-channel
   inpainting UNets) or, for ordinary UNets, re-imposing the noised original outside the mask after each step.
 
@@ -51,7 +51,7 @@ from sdjax.samplers import (
 from sdjax.samplers.schedules import SchedulerConfig
 
 # Tasks as the core sees them.
-TEXT, IMAGE, LATENT_IMAGE, INPAINT = "text", "image", "latent_image", "inpaint"  # latent_image: SDXL hand-off
+TEXT, IMAGE, LATENT_IMAGE, INPAINT = "text", "image", "latent_image", "inpaint"  # latent_image: latents as image
 
 
 class Stream:
@@ -393,9 +393,11 @@ def _denoise_one(model: Model, plan: Plan, params: Mapping[str, Any], inputs: In
     start, end = _start_and_end(plan, schedule, inputs)
     init_latents, extra_channels, blend_step = _image_conditioning(model, plan, params, inputs, schedule, noise)
 
-    if plan.task == LATENT_IMAGE:
+    if plan.task == LATENT_IMAGE and plan.denoising_start is not None:
         x = init_latents  # SDXL refiner hand-off: the base's latents, already at this step's noise level
     elif init_latents is not None and not plan.start_from_noise:
+        # Clean latents (encoded pixels, or latents given as the image: diffusers noises those too unless
+        # denoising_start is given) noised to the start step.
         x = add_noise(schedule, init_latents, noise, start)
     else:
         x = noise * schedule.init_noise_sigma
