@@ -155,6 +155,23 @@ def controlnet_keep(num_steps: int, starts: Sequence[float], ends: Sequence[floa
     return np.asarray(keep, np.float32).reshape(num_steps, len(starts))
 
 
+# diffusers' pipelines count model evaluations, not steps: ``for i, t in enumerate(scheduler.timesteps)`` and
+# ``controlnet_keep`` over ``len(timesteps)``. Second-order schedulers list a step's two timesteps (2N - 1 in
+# all: the last step has one evaluation); PNDM (skip_prk_steps) lists the first one twice (N + 1).
+SECOND_ORDER = frozenset({"heun", "dpm2", "dpmpp_sde"})
+
+
+def diffusers_evaluation(sampler: str, step: Any, k: int, n_run: Any) -> tuple[jax.Array, jax.Array]:
+    """``(i, len(timesteps))`` of diffusers' denoising loop for evaluation ``k`` (0 or 1) of the run's step
+    ``step`` (0-based from the first step run; traced) of ``n_run`` steps run (traced) with ``sampler``."""
+    j, n, k = jnp.asarray(step, jnp.int32), jnp.asarray(n_run, jnp.int32), min(int(k), 1)
+    if sampler in SECOND_ORDER:
+        return 2 * j + k, 2 * n - 1
+    if sampler == "pndm":  # the warm-up's second evaluation is the timesteps' repeated entry
+        return j + k + (j > 0).astype(jnp.int32), n + (n > 1).astype(jnp.int32)
+    return j, n
+
+
 # --- control images --------------------------------------------------------------------------------------------
 
 
