@@ -194,19 +194,53 @@ def test_sd1_inpainting_unet_with_controlnet(tiny, nets, monkeypatch) -> None:
     assert_differ(runs[0], runs[1], "the conditioning scale and start/end")
 
 
+def t2i_adapter(tmp_path, seed: int, **config):
+    """A random diffusers T2IAdapter of ``config``, saved and loaded: (torch adapter, sdjax adapter)."""
+    from diffusers import T2IAdapter
+
+    from tests.reference.control_models import randomise_fan_in
+
+    torch_adapter = T2IAdapter(**config).eval()
+    randomise_fan_in(torch_adapter, seed)
+    folder = tmp_path / f"adapter_{seed}"
+    torch_adapter.save_pretrained(folder)
+    return torch_adapter, sdjax.load_t2i_adapter(folder)
+
+
 def test_t2i_adapter_text_to_image(tiny, tmp_path) -> None:
-    from tests.test_t2i_adapter import build
+    """StableDiffusionAdapterPipeline with a full and a light adapter (the light one's last, 1/32 feature has no
+    down block of the 2-level UNet to go to: unused on both sides)."""
+    from tests.test_t2i_adapter import CONFIGS
 
     sd1 = tiny("sd1")
-    torch_adapter = build("full", seed=11)
-    torch_adapter.save_pretrained(tmp_path)
-    adapter = sdjax.load_t2i_adapter(tmp_path)
     images = input_images(9, 2)
-    expected = reference(sd1, diffusers.StableDiffusionAdapterPipeline, adapter=torch_adapter, image=images,
-                         height=HEIGHT, width=WIDTH, adapter_conditioning_scale=0.7)
-    actual = sd1.pipe.text_to_image(PROMPTS, latents=noise(2), height=HEIGHT, width=WIDTH, adapter=adapter,
-                                    adapter_image=images, adapter_conditioning_scale=0.7, **options())
-    assert_images_close(actual, expected, "SD1 T2I-Adapter")
+    for name, config in (("full", CONFIGS["full"]), ("light", dict(CONFIGS["light"], channels=(32, 64)))):
+        torch_adapter, adapter = t2i_adapter(tmp_path, 11, **config)
+        expected = reference(sd1, diffusers.StableDiffusionAdapterPipeline, adapter=torch_adapter, image=images,
+                             height=HEIGHT, width=WIDTH, adapter_conditioning_scale=0.7)
+        actual = sd1.pipe.text_to_image(PROMPTS, latents=noise(2), height=HEIGHT, width=WIDTH, adapter=adapter,
+                                        adapter_image=images, adapter_conditioning_scale=0.7, **options())
+        assert_images_close(actual, expected, f"SD1 T2I-Adapter ({name})")
+
+
+def test_sdxl_t2i_adapter_text_to_image(tiny, tmp_path) -> None:
+    """StableDiffusionXLAdapterPipeline with a full_adapter_xl on one-channel sketches; the conditioning factor
+    (traced) at 1 and 0.6 (the features on the first int(5 * 0.6) = 3 evaluations). Features 1/16, 1/16, 1/32,
+    1/32 of the image: the tiny 2-level UNet takes the first two, both sides leave the others."""
+    sdxl = tiny("sdxl")
+    torch_adapter, adapter = t2i_adapter(tmp_path, 12, in_channels=1, channels=(32, 64, 64, 64), num_res_blocks=2,
+                                         downscale_factor=16, adapter_type="full_adapter_xl")
+    sketches = [im.convert("L") for im in input_images(9, 2)]
+    runs = []
+    for factor in (1.0, 0.6):
+        expected = reference(sdxl, diffusers.StableDiffusionXLAdapterPipeline, adapter=torch_adapter, image=sketches,
+                             height=HEIGHT, width=WIDTH, adapter_conditioning_scale=0.8,
+                             adapter_conditioning_factor=factor)
+        runs.append(sdxl.pipe.text_to_image(PROMPTS, latents=noise(2), height=HEIGHT, width=WIDTH, adapter=adapter,
+                                            adapter_image=sketches, adapter_conditioning_scale=0.8,
+                                            adapter_conditioning_factor=factor, **options()))
+        assert_images_close(runs[-1], expected, f"SDXL T2I-Adapter factor={factor}")
+    assert_differ(runs[0], runs[1], "adapter_conditioning_factor")
 
 
 def test_ip_adapter_text_to_image(tiny, tmp_path) -> None:
