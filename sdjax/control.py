@@ -1,9 +1,10 @@
 """ControlNet for the generation core: loading, the per-step residuals of one or several ControlNets (diffusers'
 MultiControlNet), control-image preparation, and the start/end schedule (diffusers' ``controlnet_keep``).
 
-Per UNet evaluation the core does, with ``i`` the step index (0-based, of the steps actually run)::
+Per UNet evaluation the core does, with ``i`` diffusers' loop counter (:func:`diffusers_evaluation`: the
+evaluation's index among those of the steps actually run; the step index for first-order samplers)::
 
-    scales_i = scales * keep[i]                       # keep from controlnet_keep(), traced (num_steps, n)
+    scales_i = scales * keep[i]                       # keep as controlnet_keep() (traced in the core)
     down, mid = controlnet_residuals(nets, x_in, t, context, images, scales_i, added_cond=..., guess_mode=...)
     eps = unet.apply(..., down_block_additional_residuals=down, mid_block_additional_residual=mid)
 
@@ -147,9 +148,10 @@ def guidance_ranges(n_nets: int, start: float | Sequence[float] = 0.0, end: floa
 
 
 def controlnet_keep(num_steps: int, starts: Sequence[float], ends: Sequence[float]) -> np.ndarray:
-    """(num_steps, n) float32 of 0/1: diffusers' ``controlnet_keep``. Step ``i`` of ``num_steps`` (the steps the
-    loop runs: after img2img's strength cut) uses ControlNet k unless ``i / num_steps < start_k`` or
-    ``(i + 1) / num_steps > end_k`` (computed in float64 as Python does). Multiply each step's scales by its row."""
+    """(num_steps, n) float32 of 0/1: diffusers' ``controlnet_keep``. Entry ``i`` of ``num_steps`` (diffusers'
+    ``len(timesteps)`` after img2img's strength cut: the steps run for first-order samplers, their model
+    evaluations otherwise, see :func:`diffusers_evaluation`) uses ControlNet k unless ``i / num_steps < start_k``
+    or ``(i + 1) / num_steps > end_k`` (computed in float64 as Python does)."""
     keep = [[1.0 - float(i / num_steps < s or (i + 1) / num_steps > e) for s, e in zip(starts, ends, strict=True)]
             for i in range(num_steps)]
     return np.asarray(keep, np.float32).reshape(num_steps, len(starts))
@@ -168,7 +170,7 @@ def diffusers_evaluation(sampler: str, step: Any, k: int, n_run: Any) -> tuple[j
     if sampler in SECOND_ORDER:
         return 2 * j + k, 2 * n - 1
     if sampler == "pndm":  # the warm-up's second evaluation is the timesteps' repeated entry
-        return j + k + (j > 0).astype(jnp.int32), n + (n > 1).astype(jnp.int32)
+        return j + jnp.where(j > 0, 1, k), n + (n > 1).astype(jnp.int32)
     return j, n
 
 
