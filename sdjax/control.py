@@ -1,9 +1,10 @@
 """ControlNet for the generation core: loading, the per-step residuals of one or several ControlNets (diffusers'
 MultiControlNet), control-image preparation, and the start/end schedule (diffusers' ``controlnet_keep``).
 
-Per UNet evaluation the core does, with ``i`` the step index (0-based, of the steps actually run)::
+Per UNet evaluation the core does, with ``i`` diffusers' loop counter (:func:`diffusers_evaluation`: the
+evaluation's index among those of the steps actually run; the step index for first-order samplers)::
 
-    scales_i = scales * keep[i]                       # keep from controlnet_keep(), traced (num_steps, n)
+    scales_i = scales * keep[i]                       # keep as controlnet_keep() (traced in the core)
     down, mid = controlnet_residuals(nets, x_in, t, context, images, scales_i, added_cond=..., guess_mode=...)
     eps = unet.apply(..., down_block_additional_residuals=down, mid_block_additional_residual=mid)
 
@@ -147,12 +148,30 @@ def guidance_ranges(n_nets: int, start: float | Sequence[float] = 0.0, end: floa
 
 
 def controlnet_keep(num_steps: int, starts: Sequence[float], ends: Sequence[float]) -> np.ndarray:
-    """(num_steps, n) float32 of 0/1: diffusers' ``controlnet_keep``. Step ``i`` of ``num_steps`` (the steps the
-    loop runs: after img2img's strength cut) uses ControlNet k unless ``i / num_steps < start_k`` or
-    ``(i + 1) / num_steps > end_k`` (computed in float64 as Python does). Multiply each step's scales by its row."""
+    """(num_steps, n) float32 of 0/1: diffusers' ``controlnet_keep``. Entry ``i`` of ``num_steps`` (diffusers'
+    ``len(timesteps)`` after img2img's strength cut: the steps run for first-order samplers, their model
+    evaluations otherwise, see :func:`diffusers_evaluation`) uses ControlNet k unless ``i / num_steps < start_k``
+    or ``(i + 1) / num_steps > end_k`` (computed in float64 as Python does)."""
     keep = [[1.0 - float(i / num_steps < s or (i + 1) / num_steps > e) for s, e in zip(starts, ends, strict=True)]
             for i in range(num_steps)]
     return np.asarray(keep, np.float32).reshape(num_steps, len(starts))
+
+
+# diffusers' pipelines count model evaluations, not steps: ``for i, t in enumerate(scheduler.timesteps)`` and
+# ``controlnet_keep`` over ``len(timesteps)``. Second-order schedulers list a step's two timesteps (2N - 1 in
+# all: the last step has one evaluation); PNDM (skip_prk_steps) lists the first one twice (N + 1).
+SECOND_ORDER = frozenset({"heun", "dpm2", "dpmpp_sde"})
+
+
+def diffusers_evaluation(sampler: str, step: Any, k: int, n_run: Any) -> tuple[jax.Array, jax.Array]:
+    """``(i, len(timesteps))`` of diffusers' denoising loop for evaluation ``k`` (0 or 1) of the run's step
+    ``step`` (0-based from the first step run; traced) of ``n_run`` steps run (traced) with ``sampler``."""
+    j, n, k = jnp.asarray(step, jnp.int32), jnp.asarray(n_run, jnp.int32), min(int(k), 1)
+    if sampler in SECOND_ORDER:
+        return 2 * j + k, 2 * n - 1
+    if sampler == "pndm":  # the warm-up's second evaluation is the timesteps' repeated entry
+        return j + jnp.where(j > 0, 1, k), n + (n > 1).astype(jnp.int32)
+    return j, n
 
 
 # --- control images --------------------------------------------------------------------------------------------

@@ -12,6 +12,9 @@ from PIL import Image
 
 from sdjax.control import controlnet_keep, guidance_ranges, prepare_control_image
 from tests.reference.control_models import controlnet_for
+from tests.test_pipeline import SCHEDULERS
+
+SCHEDULERS_BY_NAME = {name: spec for (name, sigmas), spec in SCHEDULERS.items() if sigmas is None}
 
 
 def record_calls(controlnet) -> list[dict]:
@@ -70,3 +73,67 @@ def test_pipeline_calls_follow_keep_and_image_rules(tiny, task: str) -> None:
             assert c["batch"] == c["context_batch"] == expected_batch and c["guess_mode"] == guess
             cond = c["cond"].transpose(0, 2, 3, 1)
             np.testing.assert_allclose(cond, np.concatenate([image] * (1 if guess else 2)), atol=1e-6)
+
+
+def test_every_sampler_has_its_diffusers_timestep_count() -> None:
+    """diffusers' loop runs over ``len(scheduler.timesteps)`` evaluations: N for first-order schedulers, 2N - 1
+    for the second-order ones (the set :func:`diffusers_evaluation` knows), N + 1 for PNDM. Every sampler of the
+    registry is one of these (a new second-order sampler must be added to ``SECOND_ORDER``)."""
+    from sdjax.control import SECOND_ORDER, diffusers_evaluation
+    from sdjax.samplers.registry import SAMPLERS
+    from tests.reference.tiny_pipelines import SD1_SCHEDULER
+
+    assert set(SCHEDULERS_BY_NAME) == set(SAMPLERS)
+    assert SECOND_ORDER <= set(SAMPLERS)
+    for name, (cls, overrides) in SCHEDULERS_BY_NAME.items():
+        for steps in (1, 2, 7):
+            reference = cls.from_config({**SD1_SCHEDULER, **overrides})
+            reference.set_timesteps(steps)
+            assert int(diffusers_evaluation(name, 0, 0, steps)[1]) == len(reference.timesteps), (name, steps)
+
+
+# the samplers with two evaluations in a step, and two with one
+@pytest.mark.parametrize("sampler", ["heun", "dpm2", "dpmpp_sde", "pndm", "euler", "unipc"])
+def test_evaluation_index_is_diffusers_loop_counter(sampler: str, fast_compile) -> None:
+    """ControlNet start/end (and the SDXL adapter factor) index diffusers' ``enumerate(scheduler.timesteps)``:
+    model evaluations, not steps (Heun, DPM2, DPM++ SDE list 2N - 1 timesteps, PNDM N + 1). The sampler's
+    evaluations, as the loop traces them, map onto 0..len(timesteps)-1 once each and in order, and the timestep
+    of evaluation i is diffusers' ``timesteps[i]``; also for image-to-image (the timesteps from t_start on)."""
+    import jax
+    import jax.numpy as jnp
+
+    from sdjax.control import diffusers_evaluation
+    from sdjax.guidance.methods import Conditional
+    from sdjax.samplers import SchedulerConfig, add_noise, make_schedule, sample
+    from sdjax.samplers.denoiser import takes_evaluation
+    from tests.reference.tiny_pipelines import SD1_SCHEDULER
+
+    cls, overrides = SCHEDULERS_BY_NAME[sampler]
+    steps = 6
+    schedule = make_schedule(SchedulerConfig.from_dict(SD1_SCHEDULER), sampler, steps)
+    seen: list[tuple[int, int, float]] = []
+
+    @takes_evaluation
+    def passes_fn(x, t, passes, evaluation=None):
+        i, k = evaluation
+        jax.debug.callback(lambda i, t, k=k: seen.append((int(i), k, float(t))), i, t)
+        return {p: jnp.zeros_like(x) for p in passes}
+
+    @jax.jit
+    def run(t_start):  # traced: one compile for both starts
+        x = add_noise(schedule, jnp.zeros((1, 2, 2, 1)), jnp.ones((1, 2, 2, 1)), t_start)
+        return sample(passes_fn, x, schedule, guidance=Conditional(), start_step=t_start,
+                      keys=jax.random.split(jax.random.key(0), 1))
+
+    for t_start in (0, 2):
+        seen.clear()
+        jax.block_until_ready(run(t_start))
+        indices = [diffusers_evaluation(sampler, i - t_start, k, steps - t_start) for i, k, _ in seen]
+        reference = cls.from_config({**SD1_SCHEDULER, **overrides})
+        reference.set_timesteps(steps)
+        timesteps = reference.timesteps.numpy()[t_start * reference.order:]
+        what = f"{sampler} from step {t_start}"
+        assert [int(i) for i, _ in indices] == list(range(len(timesteps))), what
+        assert all(int(n) == len(timesteps) for _, n in indices), what
+        if not (sampler == "pndm" and t_start):  # PNDM img2img differs on purpose (see samplers.timestep.pndm)
+            np.testing.assert_allclose([t for *_, t in seen], timesteps, rtol=1e-4, atol=1e-3, err_msg=what)

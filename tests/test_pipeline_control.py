@@ -9,7 +9,7 @@ import diffusers
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, HeunDiscreteScheduler, PNDMScheduler
 
 import sdjax
 from tests.conftest import (
@@ -45,23 +45,24 @@ def nets(tiny, tmp_path_factory):
     return out
 
 
-def reference(tiny, cls, monkeypatch=None, module=None, added=None, prompts=PROMPTS, **kwargs) -> np.ndarray:
-    """A diffusers pipeline of ``cls`` on the tiny model's components with DDIM; image tasks get ``added`` as
-    their one noise draw."""
+def reference(tiny, cls, monkeypatch=None, module=None, added=None, prompts=PROMPTS, scheduler=DDIMScheduler,
+              steps=STEPS, **kwargs) -> np.ndarray:
+    """A diffusers pipeline of ``cls`` on the tiny model's components with ``scheduler`` (DDIM); image tasks get
+    ``added`` as their one noise draw."""
     pipe = cls.from_pipe(tiny.torch_pipe, **{k: kwargs.pop(k) for k in ("controlnet", "adapter") if k in kwargs})
-    pipe.scheduler = DDIMScheduler.from_config(tiny.scheduler_config)
+    pipe.scheduler = scheduler.from_config(tiny.scheduler_config)
     pipe.set_progress_bar_config(disable=True)
     if added is not None:
         monkeypatch.setattr(f"{module}.randn_tensor", FixedNoise(added))
     else:
         kwargs["latents"] = torch.from_numpy(noise(len(prompts)))
     with torch.no_grad():
-        return pipe(prompts, num_inference_steps=STEPS, guidance_scale=GUIDANCE, output_type="np",
+        return pipe(prompts, num_inference_steps=steps, guidance_scale=GUIDANCE, output_type="np",
                     generator=torch.Generator().manual_seed(0), **kwargs).images
 
 
-def options(**kwargs):
-    return dict(sampler=SAMPLER, num_steps=STEPS, guidance_scale=GUIDANCE, **kwargs)
+def options(sampler=SAMPLER, num_steps=STEPS, **kwargs):
+    return dict(sampler=sampler, num_steps=num_steps, guidance_scale=GUIDANCE, **kwargs)
 
 
 def test_sd1_controlnet_text_to_image(tiny, nets, monkeypatch) -> None:
@@ -75,18 +76,21 @@ def test_sd1_controlnet_text_to_image(tiny, nets, monkeypatch) -> None:
     def t2i(**kwargs):
         return sd1.pipe.text_to_image(PROMPTS, latents=latents, height=HEIGHT, width=WIDTH, **options(**kwargs))
 
-    # one ControlNet: scale and start/end are traced, so the three share one compile
+    # one ControlNet: scale and start/end are traced, so the three share one compile. PNDM: diffusers' loop
+    # counter runs over its N + 1 timesteps (the first step evaluates twice), and start/end count those.
     runs = {}
     for scale, start, end in ((0.8, 0.0, 1.0), (1.3, 0.2, 0.8), (0.5, 0.4, 1.0)):
         runs[scale] = actual = t2i(controlnet=net_a, control_image=control[0], controlnet_conditioning_scale=scale,
-                                   control_guidance_start=start, control_guidance_end=end)
+                                   control_guidance_start=start, control_guidance_end=end, sampler="pndm")
         expected = reference(sd1, cls, controlnet=torch_a, image=control[0], height=HEIGHT, width=WIDTH,
                              controlnet_conditioning_scale=scale, control_guidance_start=start,
-                             control_guidance_end=end)
-        assert_images_close(actual, expected, f"SD1 ControlNet scale={scale} start={start} end={end}")
+                             control_guidance_end=end, scheduler=PNDMScheduler)
+        assert_images_close(actual, expected, f"SD1 ControlNet PNDM scale={scale} start={start} end={end}")
+    # scale 0 (the same compile) is the plain pipeline: the ControlNet changes the images
+    off = t2i(controlnet=net_a, control_image=control[0], controlnet_conditioning_scale=0.0, sampler="pndm")
     assert compiles.take() <= 1
     assert_differ(runs[0.8], runs[1.3], "the conditioning scale and start/end")
-    assert_differ(runs[0.8], t2i(), "the ControlNet")
+    assert_differ(runs[0.8], off, "the ControlNet")
 
     # two ControlNets (MultiControlNet), each its own image
     multi = dict(controlnet_conditioning_scale=[0.7, 1.2], control_guidance_start=[0.0, 0.2],
@@ -107,14 +111,18 @@ def test_sd1_controlnet_image_to_image_and_inpaint(tiny, nets, monkeypatch) -> N
     sd1 = tiny("sd1")
     torch_a, net_a = nets["sd1"][0]
     images, control, added = input_images(), input_images(5, 2), noise(seed=5)
+    # Heun: diffusers' start/end count its 2n - 1 evaluations of the n steps run (after the strength cut), so a
+    # step's two evaluations can fall on either side of a bound (strength 0.8, start 0.25: 4 steps, 7 evaluations)
     for strength, start, end in ((0.6, 0.0, 1.0), (0.8, 0.25, 0.75)):
         kwargs = dict(controlnet_conditioning_scale=0.9, control_guidance_start=start, control_guidance_end=end)
         expected = reference(sd1, diffusers.StableDiffusionControlNetImg2ImgPipeline, monkeypatch,
                              "diffusers.pipelines.controlnet.pipeline_controlnet_img2img", added,
-                             controlnet=torch_a, image=images, control_image=control, strength=strength, **kwargs)
+                             controlnet=torch_a, image=images, control_image=control, strength=strength,
+                             scheduler=HeunDiscreteScheduler, **kwargs)
         actual = sd1.pipe.image_to_image(PROMPTS, images, strength=strength, latents=added, controlnet=net_a,
-                                         control_image=control, **options(**kwargs))
-        assert_images_close(actual, expected, f"SD1 ControlNet img2img strength={strength} start={start} end={end}")
+                                         control_image=control, **options(sampler="heun", **kwargs))
+        assert_images_close(actual, expected, f"SD1 ControlNet img2img Heun strength={strength} start={start} "
+                                              f"end={end}")
 
     # inpainting with an ordinary (4-channel) UNet
     kwargs = dict(controlnet_conditioning_scale=1.1, control_guidance_end=0.8)
@@ -139,19 +147,101 @@ def test_sdxl_controlnet_text_to_image(tiny, nets) -> None:
     assert_images_close(actual, expected, "SDXL ControlNet")
 
 
+def test_sdxl_controlnet_image_to_image_and_inpaint(tiny, nets, monkeypatch) -> None:
+    """StableDiffusionXLControlNetImg2ImgPipeline (two strengths and start/end, one compile) and
+    StableDiffusionXLControlNetInpaintPipeline (the 4-channel SDXL UNet)."""
+    sdxl = tiny("sdxl")
+    torch_net, net = nets["sdxl"][0]
+    images, control, added = input_images(2), input_images(7, 2), noise(seed=8)
+    runs = []
+    for strength, start, end in ((0.6, 0.0, 1.0), (0.8, 0.25, 0.75)):
+        kwargs = dict(controlnet_conditioning_scale=0.9, control_guidance_start=start, control_guidance_end=end)
+        expected = reference(sdxl, diffusers.StableDiffusionXLControlNetImg2ImgPipeline, monkeypatch,
+                             "diffusers.pipelines.controlnet.pipeline_controlnet_sd_xl_img2img", added,
+                             controlnet=torch_net, image=images, control_image=control, strength=strength, **kwargs)
+        runs.append(sdxl.pipe.image_to_image(PROMPTS, images, strength=strength, latents=added, controlnet=net,
+                                             control_image=control, **options(**kwargs)))
+        assert_images_close(runs[-1], expected, f"SDXL ControlNet img2img strength={strength} start={start} "
+                                                f"end={end}")
+    assert_differ(runs[0], runs[1], "strength and start/end")
+
+    kwargs = dict(controlnet_conditioning_scale=1.2, control_guidance_start=0.2, strength=0.8)
+    expected = reference(sdxl, diffusers.StableDiffusionXLControlNetInpaintPipeline, monkeypatch,
+                         "diffusers.pipelines.controlnet.pipeline_controlnet_inpaint_sd_xl", added,
+                         controlnet=torch_net, image=images, mask_image=masks(), control_image=control,
+                         height=HEIGHT, width=WIDTH, **kwargs)
+    actual = sdxl.pipe.inpaint(PROMPTS, images, masks(), latents=added, controlnet=net, control_image=control,
+                               **options(**kwargs))
+    assert_images_close(actual, expected, "SDXL ControlNet inpaint")
+
+
+def test_sd1_inpainting_unet_with_controlnet(tiny, nets, monkeypatch) -> None:
+    """A 9-channel inpainting UNet with a ControlNet, as StableDiffusionControlNetInpaintPipeline: the ControlNet
+    sees the 4 latent channels, the UNet those plus the mask and the masked image's latents. Scale and start/end
+    are traced: both runs share one compile."""
+    model = tiny("sd1_inpaint")
+    torch_a, net_a = nets["sd1"][0]  # SD1's ControlNets fit the inpainting UNet: the same encoder
+    images, control, added = input_images(3, 2), input_images(5, 2), noise(seed=6)
+    runs = []
+    for scale, start, end in ((1.1, 0.0, 1.0), (0.7, 0.3, 0.7)):
+        kwargs = dict(controlnet_conditioning_scale=scale, control_guidance_start=start, control_guidance_end=end,
+                      strength=0.75)
+        expected = reference(model, diffusers.StableDiffusionControlNetInpaintPipeline, monkeypatch,
+                             "diffusers.pipelines.controlnet.pipeline_controlnet_inpaint", added, controlnet=torch_a,
+                             image=images, mask_image=masks(), control_image=control, height=HEIGHT, width=WIDTH,
+                             **kwargs)
+        runs.append(model.pipe.inpaint(PROMPTS, images, masks(), latents=added, controlnet=net_a,
+                                       control_image=control, **options(**kwargs)))
+        assert_images_close(runs[-1], expected, f"9-channel inpaint ControlNet scale={scale} start={start} end={end}")
+    assert_differ(runs[0], runs[1], "the conditioning scale and start/end")
+
+
+def t2i_adapter(tmp_path, seed: int, **config):
+    """A random diffusers T2IAdapter of ``config``, saved and loaded: (torch adapter, sdjax adapter)."""
+    from diffusers import T2IAdapter
+
+    from tests.reference.control_models import randomise_fan_in
+
+    torch_adapter = T2IAdapter(**config).eval()
+    randomise_fan_in(torch_adapter, seed)
+    folder = tmp_path / f"adapter_{seed}"
+    torch_adapter.save_pretrained(folder)
+    return torch_adapter, sdjax.load_t2i_adapter(folder)
+
+
 def test_t2i_adapter_text_to_image(tiny, tmp_path) -> None:
-    from tests.test_t2i_adapter import build
+    """StableDiffusionAdapterPipeline with a full adapter. (The light adapter's parity is module-level, in
+    tests/test_t2i_adapter.py: its features reach the UNet by the same path, leftover ones as in the SDXL test.)"""
+    from tests.test_t2i_adapter import CONFIGS
 
     sd1 = tiny("sd1")
-    torch_adapter = build("full", seed=11)
-    torch_adapter.save_pretrained(tmp_path)
-    adapter = sdjax.load_t2i_adapter(tmp_path)
     images = input_images(9, 2)
+    torch_adapter, adapter = t2i_adapter(tmp_path, 11, **CONFIGS["full"])
     expected = reference(sd1, diffusers.StableDiffusionAdapterPipeline, adapter=torch_adapter, image=images,
                          height=HEIGHT, width=WIDTH, adapter_conditioning_scale=0.7)
     actual = sd1.pipe.text_to_image(PROMPTS, latents=noise(2), height=HEIGHT, width=WIDTH, adapter=adapter,
                                     adapter_image=images, adapter_conditioning_scale=0.7, **options())
     assert_images_close(actual, expected, "SD1 T2I-Adapter")
+
+
+def test_sdxl_t2i_adapter_text_to_image(tiny, tmp_path) -> None:
+    """StableDiffusionXLAdapterPipeline with a full_adapter_xl on one-channel sketches; the conditioning factor
+    (traced) at 1 and 0.6 (the features on the first int(5 * 0.6) = 3 evaluations). Features 1/16, 1/16, 1/32,
+    1/32 of the image: the tiny 2-level UNet takes the first two, both sides leave the others."""
+    sdxl = tiny("sdxl")
+    torch_adapter, adapter = t2i_adapter(tmp_path, 12, in_channels=1, channels=(32, 64, 64, 64), num_res_blocks=2,
+                                         downscale_factor=16, adapter_type="full_adapter_xl")
+    sketches = [im.convert("L") for im in input_images(9, 2)]
+    runs = []
+    for factor in (1.0, 0.6):
+        expected = reference(sdxl, diffusers.StableDiffusionXLAdapterPipeline, adapter=torch_adapter, image=sketches,
+                             height=HEIGHT, width=WIDTH, adapter_conditioning_scale=0.8,
+                             adapter_conditioning_factor=factor)
+        runs.append(sdxl.pipe.text_to_image(PROMPTS, latents=noise(2), height=HEIGHT, width=WIDTH, adapter=adapter,
+                                            adapter_image=sketches, adapter_conditioning_scale=0.8,
+                                            adapter_conditioning_factor=factor, **options()))
+        assert_images_close(runs[-1], expected, f"SDXL T2I-Adapter factor={factor}")
+    assert_differ(runs[0], runs[1], "adapter_conditioning_factor")
 
 
 def test_ip_adapter_text_to_image(tiny, tmp_path) -> None:

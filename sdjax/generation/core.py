@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from sdjax import text
+from sdjax.control import diffusers_evaluation
 from sdjax.guidance import (
     COND,
     EMPTY,
@@ -48,6 +49,7 @@ from sdjax.samplers import (
     make_schedule,
     sample,
 )
+from sdjax.samplers.denoiser import takes_evaluation
 from sdjax.samplers.schedules import SchedulerConfig
 
 # Tasks as the core sees them.
@@ -242,16 +244,8 @@ def _image_conditioning(model: Model, plan: Plan, params: Mapping[str, Any], inp
 # --- the model seen by the loop ------------------------------------------------------------------------------
 
 
-def step_of(schedule: Any, t: jax.Array) -> jax.Array:
-    """The loop step whose interval holds timestep ``t`` (traced): the last i with ``timesteps[i] >= t``.
-    First-order samplers evaluate at ``timesteps[i]`` itself; second-order ones also between two steps."""
-    timesteps = jnp.asarray(schedule.timesteps, jnp.float32)[: schedule.num_steps]
-    i = jnp.sum(timesteps >= t - 1e-3 * jnp.maximum(1.0, jnp.abs(t))) - 1
-    return jnp.clip(i, 0, schedule.num_steps - 1).astype(jnp.int32)
-
-
 def control_keep(index: jax.Array, n_run: jax.Array, starts: jax.Array, ends: jax.Array) -> jax.Array:
-    """diffusers' ``controlnet_keep[index]`` for ``n_run`` steps run, traced: (n,) 1.0 where ControlNet k is
+    """diffusers' ``controlnet_keep[index]`` over ``n_run`` evaluations, traced: (n,) 1.0 where ControlNet k is
     on (``index / n_run >= start_k`` and ``(index + 1) / n_run <= end_k``), else 0.0."""
     n = jnp.asarray(n_run, jnp.float32)
     j = jnp.asarray(index, jnp.float32)
@@ -286,18 +280,28 @@ def _passes_fn(model: Model, plan: Plan, params: Mapping[str, Any], inputs: Inpu
     adapter_features = _adapter_features(plan, inputs)
     n_run = None if schedule is None else schedule.num_steps - jnp.asarray(start, jnp.int32)
 
-    def run_index(t: jax.Array) -> jax.Array:
-        # TODO(lead): the loop knows the step; a 4th passes_fn argument would replace this lookup.
-        return step_of(schedule, t) - jnp.asarray(start, jnp.int32)
+    def loop_index(evaluation: tuple[jax.Array, int] | None) -> tuple[jax.Array, jax.Array]:
+        """diffusers' loop counter ``i`` and ``len(timesteps)`` for this evaluation (ControlNet start/end)."""
+        if evaluation is None or schedule is None:
+            raise ValueError("ControlNet start/end and the adapter factor need the schedule and the step")
+        step, k = evaluation
+        return diffusers_evaluation(plan.sampler, step - jnp.asarray(start, jnp.int32), k, n_run)
 
-    def conditioning(t: jax.Array) -> dict[str, Any]:
+    def conditioning(evaluation: tuple[jax.Array, int] | None) -> dict[str, Any]:
+        """Each pass's context at this evaluation's loop step (prompt editing; both evaluations of a
+        second-order step use the step they belong to)."""
         if not inputs.prompt_steps:
             return all_encoded
-        return _at_step(all_encoded, inputs.prompt_steps, jnp.clip(run_index(t), 0, plan.num_steps - 1))
+        if evaluation is None:
+            raise ValueError("prompt editing needs the loop step")
+        step = evaluation[0] - jnp.asarray(start, jnp.int32)
+        return _at_step(all_encoded, inputs.prompt_steps, jnp.clip(step, 0, plan.num_steps - 1))
 
-    def passes_fn(x_in: jax.Array, t: jax.Array, passes: tuple[str, ...]) -> dict[str, jax.Array]:
+    @takes_evaluation
+    def passes_fn(x_in: jax.Array, t: jax.Array, passes: tuple[str, ...],
+                  evaluation: tuple[jax.Array, int] | None = None) -> dict[str, jax.Array]:
         count = len(passes)
-        encoded = conditioning(t)
+        encoded = conditioning(evaluation)
         x_cn = x_in  # ControlNets see the 4-channel latents, before an inpainting UNet's extra channels
         if extra_channels is not None:
             x_in = jnp.concatenate([x_in, extra_channels.astype(x_in.dtype)], axis=-1)
@@ -313,11 +317,14 @@ def _passes_fn(model: Model, plan: Plan, params: Mapping[str, Any], inputs: Inpu
         ts = jnp.broadcast_to(t, (x_all.shape[0],))
         extra: dict[str, Any] = {}
         if plan.controlnets:
-            keep = control_keep(run_index(t), n_run, inputs.control_starts, inputs.control_ends)
+            index, n_eval = loop_index(evaluation)
+            keep = control_keep(index, n_eval, inputs.control_starts, inputs.control_ends)
             extra.update(_control_residuals(model, plan, inputs, passes, x_cn, t, encoded, time_ids,
                                             inputs.control_scales * keep))
         if adapter_features is not None:
-            on = (run_index(t) < jnp.floor(n_run * inputs.adapter_factor * (1 + 1e-6))).astype(jnp.float32)
+            # the SDXL adapter pipeline: loop counter i < int(num_inference_steps * factor), steps not evaluations
+            on = (loop_index(evaluation)[0] < jnp.floor(n_run * inputs.adapter_factor * (1 + 1e-6))
+                  ).astype(jnp.float32)
             extra["down_intrablock_additional_residuals"] = [stack_passes([f * on.astype(f.dtype)] * count)
                                                              for f in adapter_features]
         if inputs.ip_tokens is not None:

@@ -5,7 +5,10 @@ returns the guided prediction.
 shape (any layout, batch first), ``t`` is a float32 scalar timestep (integer-valued where diffusers passes
 integers), ``passes`` a static tuple of pass names (``"cond"``, ``"uncond"``, ``"empty"``). The sampler hands
 the model exactly what diffusers' UNet receives: ``scheduler.scale_model_input(latents, t)`` and the same t.
-A plain single-pass ``model_fn(x_in, t) -> output`` is :func:`single_pass` of it.
+A plain single-pass ``model_fn(x_in, t) -> output`` is :func:`single_pass` of it. A passes function marked by
+:func:`takes_evaluation` is also given ``evaluation=(i, k)``: the loop step ``i`` (traced) and which model
+evaluation of that step this is, ``k`` (a Python int: 1 for the second stage of Heun, DPM2, DPM++ SDE, PNDM's
+warm-up), for models whose inputs follow diffusers' per-evaluation step counter (ControlNet start/end).
 
 Samplers see a :class:`StepDenoiser` (one per step) with views of the same evaluation:
 
@@ -36,6 +39,12 @@ from sdjax.guidance.methods import Conditional, Method
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 PassesFn = Callable[[jax.Array, jax.Array, tuple[str, ...]], dict[str, jax.Array]]
+
+
+def takes_evaluation(passes_fn: Callable) -> Callable:
+    """Mark ``passes_fn`` as taking the ``evaluation=(i, k)`` keyword (see the module docstring)."""
+    passes_fn.takes_evaluation = True  # type: ignore[attr-defined]
+    return passes_fn
 
 
 def single_pass(model_fn: ModelFn) -> PassesFn:
@@ -80,6 +89,7 @@ class StepDenoiser:
         self.i = i
         self.state = state
         self.new_state: Any = None  # set by the step's first evaluation
+        self.evaluations = 0  # model evaluations traced so far in this step
         self.diagnostics: dict[str, jax.Array] | None = None
 
     # the one door
@@ -87,12 +97,14 @@ class StepDenoiser:
                 sigma: jax.Array | None = None) -> Guided:
         d = self.denoiser
         t = jnp.asarray(t, jnp.float32)
+        step = {"evaluation": (self.i, self.evaluations)} if getattr(d.passes_fn, "takes_evaluation", False) else {}
+        self.evaluations += 1
         ctx = StepContext(x=x_in, alpha=alpha, sigma_t=sigma_t, t=t, step=self.i, num_steps=d.num_steps,
                           prediction_type=d.prediction_type, num_train_timesteps=d.num_train_timesteps,
                           sigma=sigma, decode=d.decode)
 
         def run(passes: tuple[str, ...], x: jax.Array | None = None) -> dict[str, jax.Array]:
-            out = d.passes_fn(x_in if x is None else x, t, tuple(passes))
+            out = d.passes_fn(x_in if x is None else x, t, tuple(passes), **step)
             return {k: v.astype(jnp.float32) for k, v in out.items()}
 
         guided, state = d.method.evaluate(run, ctx, self.state)
