@@ -436,6 +436,8 @@ def test_errors(tiny) -> None:
     mask = Image.new("L", (WIDTH - 8, HEIGHT))
     with pytest.raises(ValueError, match="mask is 88x64 but the image is 96x64.*same size"):
         sd1.inpaint("x", image, mask)
+    with pytest.raises(ValueError, match=r"image has shape \(2, 4, 8, 12\), latents: inpaint takes images"):
+        sd1.inpaint(PROMPTS, noise(), Image.new("L", (WIDTH, HEIGHT)))
 
 
 def test_long_prompt_is_encoded_in_chunks(tiny) -> None:

@@ -82,6 +82,9 @@ def prepare(pipe: Any, request: Request, *, image_index_offset: int = 0) -> Prep
     if r.task in ("image", "inpaint"):
         arr = None if _is_pil(r.image) else np.asarray(r.image)
         if arr is not None and arr.ndim == 4 and arr.shape[1] == pipe.vae.config.latent_channels:
+            if r.task == "inpaint":  # the mask and the masked image are in pixels: latents would drop the mask
+                raise ValueError(f"image has shape {arr.shape}, latents: inpaint takes images (PIL, or arrays "
+                                 "(B, H, W, 3) in [0, 1]); latents as image are for image_to_image")
             task = LATENT_IMAGE  # latents in diffusers' layout, e.g. from an SDXL base with output="latent"
             image = np.ascontiguousarray(arr.transpose(0, 2, 3, 1), dtype=np.float32)
         else:
