@@ -26,6 +26,7 @@ from sdjax.guidance.methods import (
     ClassifierGuidance,
     Conditional,
     Cosine,
+    DynamicThresholding,
     Interval,
     Linear,
     Method,
@@ -41,9 +42,9 @@ from sdjax.guidance.methods import (
 
 __all__ = [
     "APG", "CFG", "COND", "EMPTY", "PASSES", "TCFG", "UNCOND", "CFGPlusPlus", "CFGZeroStar", "ClampLinear",
-    "ClassifierGuidance", "Conditional", "Cosine", "Guided", "Interval", "Linear", "Method", "NegativeMinSigma",
-    "PerStep", "PerpNeg", "StepContext", "apg_combine", "as_arrays", "guidance_scale_embedding", "rescale",
-    "stack_passes", "sweep_axes", "sweep_size", "unstack_passes",
+    "ClassifierGuidance", "Conditional", "Cosine", "DynamicThresholding", "Guided", "Interval", "Linear", "Method",
+    "NegativeMinSigma", "PerStep", "PerpNeg", "StepContext", "apg_combine", "as_arrays", "guidance_scale_embedding",
+    "rescale", "stack_passes", "sweep_axes", "sweep_size", "unstack_passes",
 ]
 
 
