@@ -25,8 +25,10 @@ from sdjax.guidance.methods import (
 
 SCHEDULES = ("constant", "linear", "cosine", "clamp-linear")
 RESCALE_SPACES = ("output", "eps", "x0", "v")
-# Scales that work for the embedded default model with its latent classifier (tests/test_classifier_guidance.py).
-DEFAULT_CLASSIFIER_SCALE = {1: 8.0, 2: 4.0}
+# Scales per algorithm and head that work for the embedded default model with its latent classifier (measured in
+# tests/test_classifier_guidance.py): shapes need more than colours.
+DEFAULT_CLASSIFIER_SCALE = {1: {"shape": 24.0, "color": 8.0, "background": 8.0},
+                            2: {"shape": 16.0, "color": 4.0, "background": 4.0}}
 # sd-dynamic-thresholding's modes that use its "Scheduler value"
 DYNTHRESH_MODES_WITH_VALUE = ("Power Up", "Power Down", "Linear Repeating", "Cosine Repeating", "Sawtooth")
 
@@ -84,7 +86,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="guide with the embedded default model's noise-aware latent classifier, e.g. shape=triangle, "
                         "color=red, background=blue (repeatable; algorithm 1 with --sampler ddpm, else 2)")
     g.add_argument("--classifier-scale", type=float,
-                   help="scale of --classifier-guidance (default: 8 with --sampler ddpm (algorithm 1), else 4)")
+                   help="scale of --classifier-guidance (default: per head, see README: with --sampler ddpm "
+                        "(algorithm 1) 24 for shape, 8 for color and background; else 16 and 4)")
 
     for action in g._group_actions:  # every option's help names its default
         if action.help and "default" not in action.help:
@@ -146,9 +149,8 @@ def build(args: argparse.Namespace) -> Method | None:
     if args.guidance_interval is not None:
         low, high = _interval(args.guidance_interval)
         method = Interval(method, sigma_min=low, sigma_max=high)
-    scale = _classifier_scale(args)
     for target in args.classifier_guidance:
-        method = ClassifierGuidance(_classifier(target), scale, inner=method)
+        method = ClassifierGuidance(_classifier(target), _classifier_scale(args, target), inner=method)
     return method
 
 
@@ -210,12 +212,15 @@ def metadata(args: argparse.Namespace) -> dict[str, Any]:
                 if args.apg else None),
         "Perp-Neg": None if args.perp_neg is None else f"{args.perp_neg:g}",
         **_dynamic_thresholding_metadata(args),
-        "Classifier guidance": (", ".join(args.classifier_guidance) + f" (scale {_classifier_scale(args):g})"
-                                if args.classifier_guidance else None),
+        "Classifier guidance": ", ".join(f"{t} (scale {_classifier_scale(args, t):g})"
+                                         for t in args.classifier_guidance) or None,
     }
 
 
-def _classifier_scale(args: argparse.Namespace) -> float:
+def _classifier_scale(args: argparse.Namespace, target: str) -> float:
     if args.classifier_scale is not None:
         return args.classifier_scale
-    return DEFAULT_CLASSIFIER_SCALE[1 if args.sampler == "ddpm" else 2]
+    from sdjax import latent_classifier
+
+    head, _ = latent_classifier.parse_target(target)
+    return DEFAULT_CLASSIFIER_SCALE[1 if args.sampler == "ddpm" else 2][head]
