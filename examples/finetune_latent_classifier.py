@@ -102,12 +102,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--samples-cache", type=Path, help="folder keeping the sampled latents (reused when present)")
+    ap.add_argument("--base", type=Path, default=None,
+                    help="weights to start from (default: the shipped ones, which are already fine-tuned: to remake "
+                         "them, run train_latent_classifier.py --out BASE first and pass --base BASE)")
     ap.add_argument("--out", type=Path, default=DEFAULT_PATH)
     args = ap.parse_args(argv)
 
     t_start = time.time()
     pipe = sdjax.load()
-    params, config = load_latent_classifier()
+    params, config = load_latent_classifier(args.base)
     judge, judge_config = classifier.load_classifier()
     scales = [float(s) for s in args.scales.split(",")]
     parts = [model_samples(pipe, params, config, args.seed_start + r * 100_000, args.per_target, scales,
@@ -176,7 +179,8 @@ def main(argv: list[str] | None = None) -> dict:
     table = tlc.accuracy_table(shipped, config, *tlc.encode(pipe, check.images), check.labels, scale, ac,
                                jax.random.key(99))
     print(f"synthetic held-out accuracy: {table}", flush=True)
-    old = json.loads((DEFAULT_PATH / "config.json").read_text()).get("training", {})
+    old = json.loads(((args.base or DEFAULT_PATH) / "config.json").read_text()).get("training", {})
+    old.pop("finetune", None)
     log = {**old, "finetune": {"model_samples": int(len(latents)), "seed_start": args.seed_start, "rounds": args.rounds,
                         "scales": args.scales, "train_steps": args.train_steps, "lr": args.lr,
                         "synthetic_images": args.synthetic_images, "agreement_before_t0": before,

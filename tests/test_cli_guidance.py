@@ -72,3 +72,20 @@ def test_dynamic_thresholding_options_build_the_method_and_a1111_fields() -> Non
     assert "Mimic scale" not in cli_options.metadata(plain)
     with pytest.raises(SystemExit):
         parser.parse_args(["generate", "--prompt", "x", "--dynamic-thresholding", "6", "--dt-cfg-mode", "Tangent"])
+
+
+def test_classifier_guidance_default_scales_per_head_and_fields() -> None:
+    from sdjax import cli
+    from sdjax import guidance as g
+    from sdjax.guidance import cli_options
+
+    parser = cli._build_parser()
+    args = parser.parse_args(["generate", "--prompt", "", "--guidance", "1", "--sampler", "ddim",
+                              "--classifier-guidance", "shape=square", "--classifier-guidance", "color=red"])
+    outer = cli_options.build(args)
+    assert isinstance(outer, g.ClassifierGuidance) and isinstance(outer.inner, g.ClassifierGuidance)
+    assert (outer.inner.scale, outer.scale) == (16.0, 4.0)  # shapes need more than colours (README's table)
+    assert cli_options.metadata(args)["Classifier guidance"] == "shape=square (scale 16), color=red (scale 4)"
+    args = parser.parse_args(["generate", "--prompt", "", "--sampler", "ddpm", "--classifier-guidance",
+                              "shape=square", "--classifier-scale", "3"])
+    assert cli_options.build(args).scale == 3.0
