@@ -214,6 +214,21 @@ def test_dynamic_thresholding_works_in_x0_space():
     np.testing.assert_allclose(np.asarray(out.out), (x - a * x0) / s, rtol=1e-4, atol=1e-4)
 
 
+def test_dynamic_thresholding_sweeps_its_numbers():
+    """Mimic scale and percentile are traced: a sweep over them equals the single runs."""
+    sched = schedule("euler")
+    x = rand(7) * float(sched.init_noise_sigma)
+    settings = [(2.0, 0.9), (4.0, 0.95), (7.0, 1.0)]
+    method = g.as_arrays(g.DynamicThresholding(9.0, mimic_scale=np.array([m for m, _ in settings]),
+                                               threshold_percentile=np.array([p for _, p in settings])))
+    swept = jax.jit(jax.vmap(lambda m: sample(passes_model, x, sched, guidance=m, keys=KEYS),
+                             in_axes=(g.sweep_axes(method),)))(method)
+    for k, (mimic, percentile) in enumerate(settings):
+        single = run(g.DynamicThresholding(9.0, mimic_scale=mimic, threshold_percentile=percentile), "euler", x=x)
+        np.testing.assert_allclose(np.asarray(swept[k]), single, rtol=1e-5, atol=1e-5)
+    assert np.abs(np.asarray(swept[0]) - np.asarray(swept[2])).max() > 1e-3
+
+
 def test_dynamic_thresholding_refuses_unknown_modes():
     for field, value in (("mimic_mode", "Tangent Up"), ("cfg_mode", "constant"), ("scaling_startpoint", "MAX"),
                          ("variability_measure", "MAD")):
