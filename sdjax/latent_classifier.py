@@ -11,7 +11,8 @@ classifier ``sdjax.classifier``::
     g = jax.grad(lambda x: log_p(x, t).sum())(x_t)
 
 Weights ship in ``sdjax/assets/latent_classifier/`` (``model.safetensors`` + ``config.json``); they are made by
-``examples/train_latent_classifier.py``.
+``examples/train_latent_classifier.py`` and fine-tuned on the default model's own samples, labelled by the pixel
+classifier, by ``examples/finetune_latent_classifier.py``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +152,38 @@ def log_prob_fn(head: str, value: str, params: Any = None, config: LatentClassif
 
     def log_prob(x_t: jax.Array, t: jax.Array) -> jax.Array:
         return jax.nn.log_softmax(latent_logits(params, config, x_t, t)[head], axis=-1)[:, index]
+
+    return log_prob
+
+
+def batch_log_prob_fn(targets: Sequence[tuple[str, str]], weights: Sequence[float] | None = None,
+                      params: Any = None, config: LatentClassifierConfig | None = None) -> LogProb:
+    """``log_prob(x_t, t) -> (B,)`` with image i towards ``targets[i]`` (a (head, value) pair), times
+    ``weights[i]`` (default 1): several targets, each at its own scale, guided in one batch and one compile.
+    The batch must have ``len(targets)`` images."""
+    pairs = [(HEAD_ALIASES.get(h, h), v) for h, v in targets]
+    for head, value in pairs:
+        check_target(head, value)
+    if params is None:
+        params, loaded = _shipped()
+        config = config or loaded
+    config = config or LatentClassifierConfig()
+    index = {head: jnp.asarray([HEADS[head].index(v) if h == head else 0 for h, v in pairs], jnp.int32)
+             for head in HEADS}
+    chosen = {head: jnp.asarray([h == head for h, _ in pairs], jnp.float32) for head in HEADS}
+    scale = jnp.asarray(np.ones(len(pairs)) if weights is None else weights, jnp.float32)
+    if scale.shape != (len(pairs),):
+        raise ValueError(f"batch_log_prob_fn: {len(pairs)} targets but weights of shape {scale.shape}")
+
+    def log_prob(x_t: jax.Array, t: jax.Array) -> jax.Array:
+        if x_t.shape[0] != len(pairs):
+            raise ValueError(f"batch_log_prob_fn has {len(pairs)} targets for a batch of {x_t.shape[0]}")
+        logits = latent_logits(params, config, x_t, t)
+        total = 0.0
+        for head in HEADS:
+            logp = jax.nn.log_softmax(logits[head], axis=-1)
+            total = total + chosen[head] * jnp.take_along_axis(logp, index[head][:, None], axis=-1)[:, 0]
+        return scale * total
 
     return log_prob
 

@@ -5,6 +5,7 @@ passes, state in the carry, sweeps, and every method with every sampler."""
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -113,6 +114,126 @@ def test_tcfg_matches_diffusers_guider():
     want = from_torch(ref.forward(to_torch(cond), to_torch(uncond)).pred)
     got, _ = combine(g.TCFG(5.0), cond, uncond)
     np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+
+def dynthresh_reference(cond: torch.Tensor, uncond: torch.Tensor, cfg_scale: float, mimic_scale: float, step: int,
+                        max_steps: int, percentile: float = 1.0, mimic_mode: str = "Constant", mimic_min: float = 0.0,
+                        cfg_mode: str = "Constant", cfg_min: float = 0.0, sched_val: float = 1.0,
+                        separate: bool = True, startpoint: str = "MEAN", measure: str = "AD",
+                        phi: float = 1.0) -> torch.Tensor:
+    """mcmonkey's sd-dynamic-thresholding ``DynThresh.dynthresh`` (one cond per image, no weights), written
+    from its algorithm in torch on NCHW x0 predictions, with A1111's step clock (frac = step / (steps - 1))."""
+    frac = step / (max_steps - 1)
+
+    def interpret(scale: float, mode: str, low: float) -> float:
+        portion = (frac * sched_val) % 1.0
+        factor = {"Constant": 1.0, "Linear Down": 1.0 - frac, "Half Cosine Down": math.cos(frac),
+                  "Cosine Down": math.cos(frac * 1.5707), "Linear Up": frac, "Half Cosine Up": 1.0 - math.cos(frac),
+                  "Cosine Up": 1.0 - math.cos(frac * 1.5707), "Power Up": math.pow(frac, sched_val),
+                  "Power Down": 1.0 - math.pow(frac, sched_val),
+                  "Linear Repeating": (0.5 - portion) * 2 if portion < 0.5 else (portion - 0.5) * 2,
+                  "Cosine Repeating": math.cos(frac * 6.28318 * sched_val) * 0.5 + 0.5,
+                  "Sawtooth": portion}[mode]
+        return (scale - low) * factor + low
+
+    mimic, cfg = interpret(mimic_scale, mimic_mode, mimic_min), interpret(cfg_scale, cfg_mode, cfg_min)
+    relative = cond - uncond
+    mim_target, cfg_target = uncond + relative * mimic, uncond + relative * cfg
+    mim_flat, cfg_flat = mim_target.flatten(2), cfg_target.flatten(2)
+    cfg_means = cfg_flat.mean(dim=2).unsqueeze(2)
+    mim_centered, cfg_centered = mim_flat - mim_flat.mean(dim=2).unsqueeze(2), cfg_flat - cfg_means
+    if separate:
+        if measure == "STD":
+            mim_ref, cfg_ref = mim_centered.std(dim=2).unsqueeze(2), cfg_centered.std(dim=2).unsqueeze(2)
+        else:
+            mim_ref = mim_centered.abs().max(dim=2).values.unsqueeze(2)
+            cfg_ref = torch.quantile(cfg_centered.abs(), percentile, dim=2).unsqueeze(2)
+    elif measure == "STD":
+        mim_ref, cfg_ref = mim_centered.std(), cfg_centered.std()
+    else:
+        mim_ref, cfg_ref = mim_centered.abs().max(), torch.quantile(cfg_centered.abs(), percentile)
+    if startpoint == "ZERO":
+        result = cfg_flat * (mim_ref / cfg_ref)
+    else:
+        if measure == "STD":
+            renormalized = cfg_centered / cfg_ref * mim_ref
+        else:
+            max_ref = torch.maximum(mim_ref, cfg_ref)
+            renormalized = cfg_centered.clamp(-max_ref, max_ref) / max_ref * mim_ref
+        result = renormalized + cfg_means
+    result = result.unflatten(2, mim_target.shape[2:])
+    if phi != 1.0:
+        result = result * phi + cfg_target * (1.0 - phi)
+    return result
+
+
+DYNTHRESH_CASES = [
+    {},  # the extension's defaults: MEAN, AD, separate channels, percentile 1, Constant
+    dict(percentile=0.95, phi=0.7, mimic_mode="Cosine Down", cfg_mode="Linear Up", cfg_min=2.0),
+    dict(percentile=0.9, separate=False, mimic_mode="Power Up", sched_val=2.0, mimic_min=1.0),
+    dict(measure="STD", cfg_mode="Linear Repeating", sched_val=3.0, mimic_mode="Half Cosine Up"),
+    dict(separate=False, startpoint="ZERO", measure="STD", cfg_mode="Power Down", sched_val=0.5),
+    dict(startpoint="ZERO", percentile=0.97, mimic_mode="Sawtooth", cfg_mode="Cosine Repeating", sched_val=2.4),
+    dict(cfg_mode="Half Cosine Down", mimic_mode="Cosine Up", phi=0.0),
+]
+
+
+@pytest.mark.parametrize("case", DYNTHRESH_CASES)
+def test_dynamic_thresholding_matches_the_extension(case):
+    """x0 predictions in, as the extension sees them (prediction type "sample": the method's x0 space is the
+    output). Without separate channels the extension measures over the whole batch: the reference runs per
+    image, as sdjax does (an image never depends on its batch-mates)."""
+    cond, uncond = rand(90) * 1.3 + 0.2, rand(91)
+    step, steps = 3, 10
+    method = g.DynamicThresholding(
+        9.0, mimic_scale=4.0, threshold_percentile=case.get("percentile", 1.0),
+        mimic_mode=case.get("mimic_mode", "Constant"), mimic_scale_min=case.get("mimic_min", 0.0),
+        cfg_mode=case.get("cfg_mode", "Constant"), cfg_scale_min=case.get("cfg_min", 0.0),
+        sched_val=case.get("sched_val", 1.0), separate_feature_channels=case.get("separate", True),
+        scaling_startpoint=case.get("startpoint", "MEAN"), variability_measure=case.get("measure", "AD"),
+        interpolate_phi=case.get("phi", 1.0))
+    got, _ = combine(method.check(None), cond, uncond, step=step, num_steps=steps, prediction_type="sample")
+    c, u = to_torch(cond).double(), to_torch(uncond).double()
+    want = torch.cat([dynthresh_reference(c[i:i + 1], u[i:i + 1], 9.0, 4.0, step, steps, **case)
+                      for i in range(len(c))])
+    np.testing.assert_allclose(got, from_torch(want.float()), rtol=1e-5, atol=1e-5)
+    if case.get("phi", 1.0) != 0.0:  # and it is not plain CFG
+        assert np.abs(got - (uncond + 9.0 * (cond - uncond))).max() > 0.1
+
+
+def test_dynamic_thresholding_works_in_x0_space():
+    """On an eps model the predictions become x0 with the step's noise level, are combined, and go back."""
+    cond, uncond, x = rand(92), rand(93), rand(94)
+    ctx = ctx_for(x)
+    out, _ = g.DynamicThresholding(8.0, mimic_scale=3.0, threshold_percentile=0.99).combine(
+        {"cond": jnp.asarray(cond), "uncond": jnp.asarray(uncond)}, ctx, ())
+    a, s = 0.6**0.5, 0.4**0.5
+    x0c, x0u = to_torch((x - s * cond) / a).double(), to_torch((x - s * uncond) / a).double()
+    x0 = from_torch(dynthresh_reference(x0c, x0u, 8.0, 3.0, 3, 10, percentile=0.99).float())
+    np.testing.assert_allclose(np.asarray(out.out), (x - a * x0) / s, rtol=1e-4, atol=1e-4)
+
+
+def test_dynamic_thresholding_sweeps_its_numbers():
+    """Mimic scale and percentile are traced: a sweep over them equals the single runs."""
+    sched = schedule("euler")
+    x = rand(7) * float(sched.init_noise_sigma)
+    settings = [(2.0, 0.9), (4.0, 0.95), (7.0, 1.0)]
+    method = g.as_arrays(g.DynamicThresholding(9.0, mimic_scale=np.array([m for m, _ in settings]),
+                                               threshold_percentile=np.array([p for _, p in settings])))
+    swept = jax.jit(jax.vmap(lambda m: sample(passes_model, x, sched, guidance=m, keys=KEYS),
+                             in_axes=(g.sweep_axes(method),)))(method)
+    for k, (mimic, percentile) in enumerate(settings):
+        single = run(g.DynamicThresholding(9.0, mimic_scale=mimic, threshold_percentile=percentile), "euler", x=x)
+        np.testing.assert_allclose(np.asarray(swept[k]), single, rtol=1e-5, atol=1e-5)
+    assert np.abs(np.asarray(swept[0]) - np.asarray(swept[2])).max() > 1e-3
+
+
+def test_dynamic_thresholding_refuses_unknown_modes():
+    for field, value in (("mimic_mode", "Tangent Up"), ("cfg_mode", "constant"), ("scaling_startpoint", "MAX"),
+                         ("variability_measure", "MAD")):
+        with pytest.raises(ValueError, match=f"DynamicThresholding {field}="):
+            g.DynamicThresholding(**{field: value}).check(None)
 
 
 def test_apg_x0_space_is_the_paper_form():
@@ -359,6 +480,7 @@ METHODS = {
     "zero-star": g.CFGZeroStar(5.0),
     "tcfg": g.TCFG(5.0),
     "classifier": g.ClassifierGuidance(log_prob, 1.0, inner=g.CFG(3.0), algorithm=2),
+    "dynthresh": g.DynamicThresholding(9.0, mimic_scale=4.0, threshold_percentile=0.95, cfg_mode="Cosine Down"),
 }
 
 

@@ -28,7 +28,7 @@ def test_guidance_method_equals_the_shorthand_and_methods_take_effect(tiny, monk
     np.testing.assert_array_equal(method, short)
     assert compiles.take() <= 1
     for other in (g.APG(6.0, momentum=0.3), g.Interval(g.CFG(6.0), sigma_min=1.0, sigma_max=8.0),
-                  g.CFG(g.Linear(6.0)), g.CFGZeroStar(6.0)):
+                  g.CFG(g.Linear(6.0)), g.CFGZeroStar(6.0), g.DynamicThresholding(12.0, mimic_scale=6.0)):
         assert_differ(t2i(pipe, guidance=other), short, type(other).__name__, tol=1e-4)
 
 
@@ -63,8 +63,8 @@ def test_image_tasks_take_any_method(tiny, task) -> None:
         if task == "image" else (lambda **kw: pipe.inpaint(PROMPTS, images, mask, strength=0.9,
                                                            negative_prompt=negative, **kw))
     base = call(sampler="ddim", num_steps=STEPS, guidance_scale=5.0, seed=3)
-    for method in (g.CFGPlusPlus(0.5), g.PerpNeg(5.0), g.ClassifierGuidance(
-            lambda x, t: -(x**2).sum(axis=(1, 2, 3)), 50.0, inner=g.CFG(5.0))):
+    for method in (g.CFGPlusPlus(0.5), g.PerpNeg(5.0), g.DynamicThresholding(9.0, mimic_scale=5.0),
+                   g.ClassifierGuidance(lambda x, t: -(x**2).sum(axis=(1, 2, 3)), 50.0, inner=g.CFG(5.0))):
         out = call(sampler="ddim", num_steps=STEPS, guidance=method, seed=3)
         assert out.shape == base.shape and np.isfinite(out).all()
         assert_differ(out, base, f"{task} {type(method).__name__}", tol=1e-4)

@@ -27,6 +27,7 @@ from sdjax.guidance.methods import (
     Composable,
     Conditional,
     Cosine,
+    DynamicThresholding,
     Interval,
     Linear,
     Method,
@@ -43,10 +44,10 @@ from sdjax.guidance.methods import (
 
 __all__ = [
     "APG", "CFG", "COND", "EMPTY", "PASSES", "TCFG", "UNCOND", "CFGPlusPlus", "CFGZeroStar", "ClampLinear",
-    "ClassifierGuidance", "Composable", "Conditional", "Cosine", "Guided", "Interval", "Linear", "Method",
-    "NegativeMinSigma", "PerStep", "PerpNeg", "StepContext", "apg_combine", "as_arrays", "composable_passes",
-    "cond_parts", "guidance_scale_embedding", "is_cond", "rescale", "stack_passes", "sweep_axes", "sweep_size",
-    "unstack_passes",
+    "ClassifierGuidance", "Composable", "Conditional", "Cosine", "DynamicThresholding", "Guided", "Interval",
+    "Linear", "Method", "NegativeMinSigma", "PerStep", "PerpNeg", "StepContext", "apg_combine", "as_arrays",
+    "composable_passes", "cond_parts", "guidance_scale_embedding", "is_cond", "rescale", "stack_passes",
+    "sweep_axes", "sweep_size", "unstack_passes",
 ]
 
 

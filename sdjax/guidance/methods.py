@@ -374,6 +374,129 @@ class TCFG(Method):
         return Guided(u_t + value_at(self.scale, ctx) * (c - u_t), cond=c, uncond=u), state
 
 
+
+# mcmonkey's sd-dynamic-thresholding: scale schedules (``DynThresh.Modes``) over frac = step / (steps - 1).
+DYNTHRESH_MODES = ("Constant", "Linear Down", "Cosine Down", "Half Cosine Down", "Linear Up", "Cosine Up",
+                   "Half Cosine Up", "Power Up", "Power Down", "Linear Repeating", "Cosine Repeating", "Sawtooth")
+DYNTHRESH_STARTPOINTS = ("MEAN", "ZERO")
+DYNTHRESH_VARIABILITIES = ("AD", "STD")
+
+
+def dynthresh_schedule(scale: jax.Array, mode: str, minimum: Number, value: Number, frac: jax.Array) -> jax.Array:
+    """The extension's ``interpret_scale``: ``min + (scale - min) * f(frac)`` (its constants kept as written)."""
+    frac = jnp.asarray(frac)
+    factors = {
+        "Constant": lambda: jnp.ones_like(frac),
+        "Linear Down": lambda: 1.0 - frac,
+        "Half Cosine Down": lambda: jnp.cos(frac),
+        "Cosine Down": lambda: jnp.cos(frac * 1.5707),
+        "Linear Up": lambda: frac,
+        "Half Cosine Up": lambda: 1.0 - jnp.cos(frac),
+        "Cosine Up": lambda: 1.0 - jnp.cos(frac * 1.5707),
+        "Power Up": lambda: frac ** value,
+        "Power Down": lambda: 1.0 - frac ** value,
+        "Linear Repeating": lambda: jnp.abs(jnp.mod(frac * value, 1.0) - 0.5) * 2.0,
+        "Cosine Repeating": lambda: jnp.cos(frac * 6.28318 * value) * 0.5 + 0.5,
+        "Sawtooth": lambda: jnp.mod(frac * value, 1.0),
+    }
+    return minimum + (scale - minimum) * factors[mode]()
+
+
+def dynthresh_combine(cond: jax.Array, uncond: jax.Array, scale: Number, mimic_scale: Number, *,
+                      threshold_percentile: Number = 1.0, interpolate_phi: Number = 1.0,
+                      separate_feature_channels: bool = True, scaling_startpoint: str = "MEAN",
+                      variability_measure: str = "AD") -> jax.Array:
+    """The extension's ``dynthresh`` on x0 predictions (B, ..., C), channels last, per image.
+
+    The CFG result at ``scale`` is centred on its per-channel means and its spread (max abs deviation, its
+    ``threshold_percentile`` quantile for the CFG side, or the std) brought to that of the result at
+    ``mimic_scale``. With ``separate_feature_channels=False`` the spread is per image over all channels; the
+    extension measures it over the whole batch, which would make an image depend on its batch-mates.
+    """
+    b = cond.shape[0]
+    channels = cond.shape[-1] if cond.ndim > 2 else 1
+    diff = cond - uncond
+    mim_target = uncond + mimic_scale * diff
+    cfg_target = uncond + scale * diff
+    mim = mim_target.reshape(b, -1, channels)  # (B, N, C): the extension's flatten(2), channels last
+    cfg = cfg_target.reshape(b, -1, channels)
+    cfg_means = jnp.mean(cfg, axis=1, keepdims=True)
+    mim_centered = mim - jnp.mean(mim, axis=1, keepdims=True)
+    cfg_centered = cfg - cfg_means
+    axes = (1,) if separate_feature_channels else (1, 2)
+    if variability_measure == "STD":
+        mim_ref = jnp.std(mim_centered, axis=axes, keepdims=True, ddof=1)  # torch.std is unbiased
+        cfg_ref = jnp.std(cfg_centered, axis=axes, keepdims=True, ddof=1)
+    else:
+        mim_ref = jnp.max(jnp.abs(mim_centered), axis=axes, keepdims=True)
+        deviations = jnp.abs(cfg_centered) if separate_feature_channels else jnp.abs(cfg_centered).reshape(b, -1, 1)
+        cfg_ref = jnp.quantile(deviations, jnp.asarray(threshold_percentile, deviations.dtype), axis=1, keepdims=True)
+    if scaling_startpoint == "ZERO":
+        result = cfg * (mim_ref / cfg_ref)
+    elif variability_measure == "STD":
+        result = cfg_centered / cfg_ref * mim_ref + cfg_means
+    else:
+        max_ref = jnp.maximum(mim_ref, cfg_ref)
+        result = jnp.clip(cfg_centered, -max_ref, max_ref) / max_ref * mim_ref + cfg_means
+    result = result.reshape(cond.shape)
+    return result * interpolate_phi + cfg_target * (1.0 - interpolate_phi)
+
+
+@struct.dataclass
+class DynamicThresholding(Method):
+    """Dynamic thresholding, "CFG scale fix" (mcmonkey's sd-dynamic-thresholding for A1111 / ComfyUI): CFG at
+    ``scale``, its x0 prediction re-spread per channel to look like CFG at the lower ``mimic_scale``, so high
+    scales keep their prompt adherence without burning (the latent "mimic scale" variant of Imagen's
+    dynamic thresholding).
+
+    In x0 space (the denoised predictions, as the extension works in both UIs). Fields and defaults as the
+    extension's: ``threshold_percentile`` a fraction (A1111's UI slider is a percentage: 100 = 1.0),
+    ``mimic_mode`` / ``cfg_mode`` one of ``DYNTHRESH_MODES`` with ``*_scale_min`` and ``sched_val`` (A1111's
+    default 4; ComfyUI's 1), over frac = step / (steps - 1) as in A1111; ``separate_feature_channels``,
+    ``scaling_startpoint`` ("MEAN", "ZERO"), ``variability_measure`` ("AD", "STD"), ``interpolate_phi`` (1:
+    all dynamic thresholding, 0: plain CFG). Modes and switches are static; the numbers traced. ComfyUI's node
+    returns plain CFG when the two scales are equal; this, as the A1111 extension, always thresholds.
+    """
+
+    scale: Any = 7.5
+    mimic_scale: Number = 7.0
+    threshold_percentile: Number = 1.0
+    mimic_scale_min: Number = 0.0
+    cfg_scale_min: Number = 0.0
+    sched_val: Number = 4.0
+    interpolate_phi: Number = 1.0
+    mimic_mode: str = struct.field(pytree_node=False, default="Constant")
+    cfg_mode: str = struct.field(pytree_node=False, default="Constant")
+    separate_feature_channels: bool = struct.field(pytree_node=False, default=True)
+    scaling_startpoint: str = struct.field(pytree_node=False, default="MEAN")
+    variability_measure: str = struct.field(pytree_node=False, default="AD")
+
+    def check(self, sampler: Any) -> Method:
+        for name, value, valid in (("mimic_mode", self.mimic_mode, DYNTHRESH_MODES),
+                                   ("cfg_mode", self.cfg_mode, DYNTHRESH_MODES),
+                                   ("scaling_startpoint", self.scaling_startpoint, DYNTHRESH_STARTPOINTS),
+                                   ("variability_measure", self.variability_measure, DYNTHRESH_VARIABILITIES)):
+            if value not in valid:
+                raise ValueError(f"DynamicThresholding {name}={value!r}: choose one of {', '.join(valid)}")
+        return self
+
+    def combine(self, preds: Predictions, ctx: StepContext, state: Any) -> tuple[Guided, Any]:
+        u, c = preds[UNCOND], preds[COND]
+        frac = jnp.asarray(ctx.step, jnp.float32) / max(ctx.num_steps - 1, 1)
+        mimic = dynthresh_schedule(jnp.asarray(self.mimic_scale, jnp.float32), self.mimic_mode,
+                                   self.mimic_scale_min, self.sched_val, frac)
+        scale = dynthresh_schedule(value_at(self.scale, ctx), self.cfg_mode, self.cfg_scale_min, self.sched_val, frac)
+        x0 = dynthresh_combine(ctx.to_x0(c), ctx.to_x0(u), scale, mimic,
+                               threshold_percentile=self.threshold_percentile, interpolate_phi=self.interpolate_phi,
+                               separate_feature_channels=self.separate_feature_channels,
+                               scaling_startpoint=self.scaling_startpoint,
+                               variability_measure=self.variability_measure)
+        return Guided(ctx.from_x0(x0), cond=c, uncond=u), state
+
+    def describe(self) -> str:
+        return "dynamic thresholding (mimic scale)"
+
+
 @struct.dataclass
 class ClassifierGuidance(Method):
     """Classifier guidance (Dhariwal & Nichol 2021) through ``jax.grad``, on top of ``inner``.
