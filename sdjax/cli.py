@@ -149,6 +149,9 @@ def _build_parser() -> argparse.ArgumentParser:
                                                 "or --image's)")
     size.add_argument("-n", "--count", type=int, default=1, help="number of images")
     size.add_argument("--batch-size", type=int, help="images per batch (default: all at once)")
+    size.add_argument("--tiling", action="store_true",
+                      help="seamless tiling, A1111's Tiling: the UNet and VAE pad circularly, so the image "
+                           "repeats without seams (textures) (default: off)")
 
     hires = gen.add_argument_group("hires fix (A1111's: generate, upscale, image-to-image at the new size)")
     hires.add_argument("--hires-scale", type=float, metavar="SCALE",
@@ -349,6 +352,7 @@ def a1111_parameters(args: argparse.Namespace, seed: int, width: int, height: in
         "Denoising strength": f"{_strength(args):g}" if args.image else _hires_strength(args),
         "Clip skip": args.clip_skip + 1 if args.clip_skip is not None else None,  # A1111 counts the last as 1
         "Emphasis": _emphasis_field(getattr(args, "emphasis", "original")),
+        "Tiling": "True" if getattr(args, "tiling", False) else None,
         "CFG rescale": f"{args.guidance_rescale:g}" if args.guidance_rescale else None,
         "Eta": f"{(args.eta if args.eta is not None else spec.default_eta):g}" if spec.uses_eta else None,
         "Prompt 2": args.prompt_2, "Negative prompt 2": args.negative_prompt_2,
@@ -448,6 +452,8 @@ def defaults_from_image(path: str) -> dict[str, Any]:
             if p["Emphasis"].lower() not in modes:
                 raise ValueError(f"Emphasis {p['Emphasis']!r}")
             out["emphasis"] = modes[p["Emphasis"].lower()]
+        if p.get("Tiling", "").lower() == "true":
+            out["tiling"] = True
         if "Eta" in p:
             out["eta"] = float(p["Eta"])
         for key, dest in (("Prompt 2", "prompt_2"), ("Negative prompt 2", "negative_prompt_2")):
@@ -931,6 +937,8 @@ def _generate(args: argparse.Namespace) -> None:
     for path in args.embedding:
         pipe = pipe.with_embeddings(path)
         names.embeddings.append((_name(path), short_hash(path)))
+    if args.tiling:
+        pipe = pipe.with_tiling()
     prompt = args.prompt
     if args.prompt:
         from sdjax import extra_networks
@@ -945,6 +953,7 @@ def _generate(args: argparse.Namespace) -> None:
     if args.refiner:
         _note(f"loading refiner {args.refiner}")
         refiner = _load(args.refiner, args)
+        refiner = refiner.with_tiling() if args.tiling else refiner
         names.refiner, names.refiner_hash = _name(args.refiner), short_hash(args.refiner)
         if not pipe.is_sdxl:
             raise UsageError(f"--refiner needs an SDXL base as --model; {names.model} is not")

@@ -56,7 +56,7 @@ def batch_run(tmp_path_factory, cache) -> tuple[Path, subprocess.CompletedProces
     proc = run_cli("generate", "--prompt", PROMPT, "--negative-prompt", "blurry", "--steps", "3",
                    "--emphasis", "no_norm", "--height", "64", "--width", "64", "-n", "3", "--batch-size", "2",
                    "--seed", "5", "--sampler", "Euler a", "--guidance-rescale", "0.3", "--save-latents", "--grid",
-                   "--out", out,                   cache=cache)
+                   "--tiling", "--out", out, cache=cache)
     assert proc.returncode == 0, proc.stderr
     return out, proc, {p.name: p.read_bytes() for p in out.iterdir()}
 
@@ -86,6 +86,7 @@ def test_metadata_records_every_setting(batch_run) -> None:
     assert fields["Seed"] == "6" and "Batch pos" not in fields
     assert fields["Sampler"] == "Euler a" and fields["Eta"] == "1" and fields["CFG rescale"] == "0.3"
     assert fields["Steps"] == "3" and fields["CFG scale"] == "7.5" and fields["Size"] == "64x64"
+    assert fields["Tiling"] == "True"  # read back by --from-image: the regenerated pixels are equal
     digest = hashlib.sha256()
     for file in weight_files(DEFAULT_MODEL):  # the folder's weight files in path order, as documented
         digest.update(file.read_bytes())
