@@ -232,7 +232,11 @@ def hires_fix(pipe: Any, arguments: dict[str, Any], hires: HiresOptions) -> Any:
     placeholder = np.broadcast_to(np.float32(0), shape)  # checks the keywords; the upscaled image replaces it
     second = Request.build("image", prompt, image=placeholder, strength=strength, num_steps=steps,
                            output=output, **second_args, **extra)
+    # its prompts scheduled as A1111's hires pass (editing counts on from the first pass)
+    second = dataclasses.replace(second, hires_prompt_steps=(first.num_steps, hires.steps or first.num_steps))
 
+    pipe = host.with_request_ip_adapters(pipe, first)
+    host.prepare(pipe, second)  # the second pass's checks (images, adapters, ...) before the first runs
     base = run(pipe, first, **execution)
     if hires.latent:
         image = upscale_latents(base, (size[0] // f, size[1] // f), hires.upscaler)

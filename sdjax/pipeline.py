@@ -202,15 +202,13 @@ class Pipeline:
 
     def _generate(self, task: str, options: dict[str, Any]) -> Any:
         from sdjax.generation import Request, run
+        from sdjax.generation.host import with_request_ip_adapters
 
         pipe, options = self._with_prompt_networks(options)
         extra = options.pop("options")
         execution = {k: extra.pop(k) for k in ("progress", "mesh", "image_index_offset") if k in extra}
         request = Request.build(task, options.pop("prompt"), **options, **extra)
-        for adapter in request.ip_adapter.adapters if request.ip_adapter else ():
-            if not any(adapter is a for a in pipe.ip_adapters):
-                pipe = pipe.with_ip_adapter(adapter)  # params for this call (prefer with_ip_adapter once)
-        return run(pipe, request, **execution)
+        return run(with_request_ip_adapters(pipe, request), request, **execution)
 
     # --- any size -------------------------------------------------------------------------------------------
 

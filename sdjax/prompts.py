@@ -319,15 +319,16 @@ def active_entry(schedule: list[list], step: int) -> int:
     return 0
 
 
-def step_prompts(text: str, steps: int) -> list[str]:
+def step_prompts(text: str, steps: int, hires_steps: int | None = None) -> list[str]:
     """The prompt text A1111 conditions on at each sampler call 0 .. ``steps - 1`` (editing and alternation
-    resolved): ``prompt_schedule`` read through :func:`active_entry`.
+    resolved): ``prompt_schedule`` read through :func:`active_entry`. With ``hires_steps``: at each call
+    0 .. ``hires_steps - 1`` of a hires fix's second pass (``steps``: the first pass's).
 
     >>> step_prompts("a [b:c:0.5]", 4)
     ['a b', 'a b', 'a b', 'a c']
     """
-    schedule = prompt_schedule(text, steps)
-    return [schedule[active_entry(schedule, step)][1] for step in range(steps)]
+    schedule = prompt_schedule(text, steps, hires_steps)
+    return [schedule[active_entry(schedule, step)][1] for step in range(hires_steps or steps)]
 
 
 # --- AND ---------------------------------------------------------------------------------------------------------

@@ -112,3 +112,13 @@ def test_bad_tags_fail_before_any_work(tiny, folders, tmp_path, monkeypatch) -> 
         pipe.text_to_image("<lora:ink>", hires_scale=2.0)
     with pytest.raises(ValueError, match="give lora_dir="):
         pipe.image_to_image("<lora:ink>", np.zeros((HEIGHT, WIDTH, 3), np.float32))
+
+
+def test_tags_outside_the_task_methods_are_refused() -> None:
+    """Only the Pipeline task methods apply tags; a request built elsewhere (batch jobs, generation.run) would
+    encode them as text, so it is refused, naming the prompt."""
+    from sdjax.generation import Request
+
+    with pytest.raises(ValueError, match=r"prompt 'a cat <lora:ink:0.8>' has extra-network tags"):
+        Request.build("text", ["a dog", "a cat <lora:ink:0.8>"])
+    assert Request.build("text", "a <3 cat").prompts == ("a <3 cat",)  # not a tag

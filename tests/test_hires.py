@@ -129,3 +129,37 @@ def test_hires_errors_before_any_work(tiny, monkeypatch) -> None:
     for options, message in cases:
         with pytest.raises((ValueError, TypeError), match=message):
             pipe.text_to_image(PROMPTS, **{**call, **options})
+
+
+def test_hires_pass_schedules_prompts_as_a1111(tiny, monkeypatch) -> None:
+    """The second pass's prompt editing counts on from the first pass (A1111's calculate_hr_conds): with 20
+    base steps, ``[cat:dog:0.5]`` is "dog" for the whole hires pass, ``[cat:dog:25]`` switches at its step 5."""
+    import sdjax.generation
+    from sdjax.generation import host
+    from sdjax.prompts import prompt_schedule, step_prompts
+
+    pipe = tiny("sd1").pipe
+    requests = []
+
+    def fake_run(p, request, **_):  # records the requests; the first pass's "latents" are noise
+        requests.append(request)
+        return noise(len(request.prompts))
+
+    monkeypatch.setattr(sdjax.generation, "run", fake_run)
+    prompts = ["a [cat:dog:0.5]", "a [cat:dog:25] [x|y]"]
+    pipe.text_to_image(prompts, num_steps=20, height=HEIGHT, width=WIDTH, hires_scale=1.5, hires_strength=0.7,
+                       hires_steps=12, negative_prompt=["[ugly::0.5]", "blurry"])
+    first, second = requests
+    assert second.hires_prompt_steps == (20, 12) and first.hires_prompt_steps is None
+    prepared = host.prepare(pipe, second)
+    start = img2img_start_step(second.num_steps, second.strength)
+    assert second.num_steps - start == 12
+    table = prepared.inputs.prompt_steps["cond"]
+    for b, prompt in enumerate(prompts):
+        texts = step_prompts(prompt, 20, 12)
+        distinct = list(dict.fromkeys(texts))
+        np.testing.assert_array_equal(table[b][:12], [distinct.index(t) for t in texts])
+    assert step_prompts(prompts[0], 20, 12) == ["a dog"] * 12  # over plain 28 steps it would start as "a cat"
+    second_texts = step_prompts(prompts[1], 20, 12)
+    assert second_texts[0] == "a cat x" and second_texts[-1].startswith("a dog")
+    assert prompt_schedule(prompts[1], 20, 12) != prompt_schedule(prompts[1], second.num_steps)

@@ -217,11 +217,14 @@ def test_t2i_adapter_text_to_image(tiny, tmp_path) -> None:
     sd1 = tiny("sd1")
     images = input_images(9, 2)
     torch_adapter, adapter = t2i_adapter(tmp_path, 11, **CONFIGS["full"])
+    # Heun: 2N - 1 evaluations, every one with the features (diffusers' SD adapter pipeline has no factor)
     expected = reference(sd1, diffusers.StableDiffusionAdapterPipeline, adapter=torch_adapter, image=images,
-                         height=HEIGHT, width=WIDTH, adapter_conditioning_scale=0.7)
+                         height=HEIGHT, width=WIDTH, adapter_conditioning_scale=0.7, scheduler=HeunDiscreteScheduler)
     actual = sd1.pipe.text_to_image(PROMPTS, latents=noise(2), height=HEIGHT, width=WIDTH, adapter=adapter,
-                                    adapter_image=images, adapter_conditioning_scale=0.7, **options())
+                                    adapter_image=images, adapter_conditioning_scale=0.7, **options(sampler="heun"))
     assert_images_close(actual, expected, "SD1 T2I-Adapter")
+    with pytest.raises(ValueError, match="adapter_conditioning_factor: only SDXL"):
+        sd1.pipe.text_to_image(PROMPTS, adapter=adapter, adapter_image=images, adapter_conditioning_factor=0.5)
 
 
 def test_sdxl_t2i_adapter_text_to_image(tiny, tmp_path) -> None:

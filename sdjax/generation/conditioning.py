@@ -48,12 +48,23 @@ def and_parts(prompts: Sequence[str]) -> tuple[list[list[str]], np.ndarray | Non
     return texts, weights
 
 
-def schedule_pass(prompts: Sequence[str], prompts_2: Sequence[str] | None, num_steps: int) -> PassTexts:
-    """The distinct (text, text_2) pairs of each prompt over the steps, and the table of which each step uses."""
+def _step_texts(prompt: str, num_steps: int, hires: tuple[int, int] | None) -> list[str]:
+    if hires is None:
+        return step_prompts(prompt, num_steps)
+    # a hires fix's second pass, as A1111's calculate_hr_conds: its steps count on from the first pass's; the
+    # pass runs hires[1] steps of a longer schedule, so the table's later entries are never read
+    texts = step_prompts(prompt, *hires)
+    return texts + [texts[-1]] * (num_steps - len(texts))
+
+
+def schedule_pass(prompts: Sequence[str], prompts_2: Sequence[str] | None, num_steps: int,
+                  hires: tuple[int, int] | None = None) -> PassTexts:
+    """The distinct (text, text_2) pairs of each prompt over the steps, and the table of which each step uses;
+    ``hires``: (first pass steps, hires steps) for a hires fix's second pass."""
     per_image, tables = [], []
     for b, prompt in enumerate(prompts):
-        first = step_prompts(prompt, num_steps)
-        second = step_prompts(prompts_2[b], num_steps) if prompts_2 else [None] * num_steps
+        first = _step_texts(prompt, num_steps, hires)
+        second = _step_texts(prompts_2[b], num_steps, hires) if prompts_2 else [None] * num_steps
         distinct: dict[tuple[str, str | None], int] = {}
         table = [distinct.setdefault(pair, len(distinct)) for pair in zip(first, second, strict=True)]
         per_image.append(list(distinct))
@@ -66,11 +77,11 @@ def schedule_pass(prompts: Sequence[str], prompts_2: Sequence[str] | None, num_s
     return PassTexts(texts, texts_2, count, steps)
 
 
-def prompt_passes(prompts: Sequence[str], prompts_2: Sequence[str] | None, num_steps: int
-                  ) -> tuple[dict[str, PassTexts], np.ndarray | None]:
+def prompt_passes(prompts: Sequence[str], prompts_2: Sequence[str] | None, num_steps: int,
+                  hires: tuple[int, int] | None = None) -> tuple[dict[str, PassTexts], np.ndarray | None]:
     """``({pass: PassTexts}, AND weights or None)`` for the prompt: one pass per AND part (SDXL's second prompt,
     not split, goes with every part)."""
     parts, weights = and_parts(prompts)
     names = cond_parts(len(parts[0])) if weights is not None else (COND,)
-    return {name: schedule_pass([p[k] for p in parts], prompts_2, num_steps)
+    return {name: schedule_pass([p[k] for p in parts], prompts_2, num_steps, hires)
             for k, name in enumerate(names)}, weights

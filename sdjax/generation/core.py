@@ -294,7 +294,8 @@ def _passes_fn(model: Model, plan: Plan, params: Mapping[str, Any], inputs: Inpu
             return all_encoded
         if evaluation is None:
             raise ValueError("prompt editing needs the loop step")
-        step = evaluation[0] - jnp.asarray(start, jnp.int32)
+        # a refiner hand-off (denoising_start) continues the base's count, as A1111's refiner keeps its step
+        step = evaluation[0] if plan.denoising_start is not None else evaluation[0] - jnp.asarray(start, jnp.int32)
         return _at_step(all_encoded, inputs.prompt_steps, jnp.clip(step, 0, plan.num_steps - 1))
 
     @takes_evaluation
@@ -322,9 +323,12 @@ def _passes_fn(model: Model, plan: Plan, params: Mapping[str, Any], inputs: Inpu
             extra.update(_control_residuals(model, plan, inputs, passes, x_cn, t, encoded, time_ids,
                                             inputs.control_scales * keep))
         if adapter_features is not None:
-            # the SDXL adapter pipeline: loop counter i < int(num_inference_steps * factor), steps not evaluations
-            on = (loop_index(evaluation)[0] < jnp.floor(n_run * inputs.adapter_factor * (1 + 1e-6))
-                  ).astype(jnp.float32)
+            # the SDXL adapter pipeline: loop counter i < int(num_inference_steps * factor), steps not evaluations;
+            # diffusers' SD adapter pipeline has no factor and adds the features at every evaluation
+            on = jnp.float32(1.0)
+            if model.is_sdxl:
+                on = (loop_index(evaluation)[0] < jnp.floor(n_run * inputs.adapter_factor * (1 + 1e-6))
+                      ).astype(jnp.float32)
             extra["down_intrablock_additional_residuals"] = [stack_passes([f * on.astype(f.dtype)] * count)
                                                              for f in adapter_features]
         if inputs.ip_tokens is not None:
@@ -344,7 +348,7 @@ def _control_residuals(model: Model, plan: Plan, inputs: Inputs, passes: tuple[s
                        ) -> dict[str, Any]:
     """The UNet's ControlNet keywords for this evaluation: the nets' summed residuals on every pass, or in guess
     mode on the conditional pass alone with zeros for the others (as diffusers does under CFG)."""
-    run_on = (COND,) if plan.guess_mode else passes
+    run_on = tuple(p for p in passes if is_cond(p)) if plan.guess_mode else passes  # guess mode: every AND part
     count = len(run_on)
     x_all = stack_passes([x] * count).astype(model.unet.dtype)
     context = stack_passes([encoded[p][0] for p in run_on])
@@ -359,10 +363,11 @@ def _control_residuals(model: Model, plan: Plan, inputs: Inputs, passes: tuple[s
         d, m = module.apply({"params": p}, x_all, ts, context, stack_passes([image] * count), scales[k],
                             guess_mode=plan.guess_mode, **added)
         down, mid = (list(d), m) if down is None else ([a + b for a, b in zip(down, d, strict=True)], mid + m)
-    if plan.guess_mode and len(passes) > 1:
+    if run_on != passes:
         def spread(r: jax.Array) -> jax.Array:
-            zeros = jnp.zeros_like(r)
-            return stack_passes([r if p == COND else zeros for p in passes])
+            parts = dict(zip(run_on, unstack_passes(r, count), strict=True))
+            zeros = jnp.zeros_like(parts[run_on[0]])
+            return stack_passes([parts.get(p, zeros) for p in passes])
         down, mid = [spread(r) for r in down], spread(mid)
     return {"down_block_additional_residuals": list(down), "mid_block_additional_residual": mid}
 

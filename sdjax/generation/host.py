@@ -66,6 +66,15 @@ def _is_pil(x: Any) -> bool:
     return isinstance(x, Image.Image) or (isinstance(x, Sequence) and bool(x) and isinstance(x[0], Image.Image))
 
 
+def with_request_ip_adapters(pipe: Any, request: Request) -> Any:
+    """``pipe`` with the weights of the IP-Adapters ``request`` names (``ip_adapter=``) that it lacks, for this
+    call (``pipe.with_ip_adapter`` once is cheaper)."""
+    for adapter in request.ip_adapter.adapters if request.ip_adapter else ():
+        if not any(adapter is a for a in pipe.ip_adapters):
+            pipe = pipe.with_ip_adapter(adapter)
+    return pipe
+
+
 def prepare(pipe: Any, request: Request, *, image_index_offset: int = 0) -> Prepared:
     """Check ``request`` against ``pipe`` and build the plan, the inputs (numpy, unplaced) and the method."""
     r = request
@@ -135,7 +144,7 @@ def prepare(pipe: Any, request: Request, *, image_index_offset: int = 0) -> Prep
     method = method.check(spec)
     prompts_2 = _as_list(r.sdxl.prompt_2, batch, "prompt_2")
     prompt_texts, and_weights = ({}, None) if r.embeds is not None else conditioning.prompt_passes(
-        list(r.prompts), prompts_2, r.num_steps)
+        list(r.prompts), prompts_2, r.num_steps, r.hires_prompt_steps)
     passes = method.passes()
     if and_weights is not None:  # AND: the prompt's parts, each its own pass (core wraps the method)
         passes = composable_passes(passes, and_weights.shape[1])
@@ -155,7 +164,8 @@ def prepare(pipe: Any, request: Request, *, image_index_offset: int = 0) -> Prep
         texts.update(prompt_texts)
     if UNCOND in passes and UNCOND not in zero_passes and UNCOND not in embeds:
         negatives_2 = _as_list(r.sdxl.negative_prompt_2, batch, "negative_prompt_2")
-        texts[UNCOND] = conditioning.schedule_pass(negatives or [""] * batch, negatives_2, r.num_steps)
+        texts[UNCOND] = conditioning.schedule_pass(negatives or [""] * batch, negatives_2, r.num_steps,
+                                                   r.hires_prompt_steps)
     if EMPTY in passes and EMPTY not in zero_passes:
         texts[EMPTY] = conditioning.PassTexts([""] * batch, None, 1, None)
     ids = {name: tokens(t.texts, t.texts_2) for name, t in texts.items()}
@@ -173,6 +183,9 @@ def prepare(pipe: Any, request: Request, *, image_index_offset: int = 0) -> Prep
     if r.task in ("image", "inpaint") and (task != LATENT_IMAGE or r.denoising_start is None):
         strength = np.float32(r.strength)
     control, control_plan = _control_inputs(r, height, width, batch)
+    if r.adapter is not None and r.adapter.conditioning_factor != 1.0 and not pipe.is_sdxl:
+        raise ValueError("adapter_conditioning_factor: only SDXL's adapter pipeline has it (diffusers' SD one "
+                         "adds the features at every step)")
     adapter, adapter_plan = _adapter_inputs(r, height, width, batch)
     ip = _ip_adapter_inputs(pipe, r, batch)
     inputs = Inputs(

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from sdjax.guidance import CFG, Conditional, Method, sweep_size
+from sdjax.prompts import extract_extra_networks
 from sdjax.samplers import get_sampler
 
 TASKS = ("text", "image", "inpaint")
@@ -137,6 +138,7 @@ class Request:
     denoising_start: float | None = None
     denoising_end: float | None = None
     sdxl: SDXLOptions = SDXLOptions()
+    hires_prompt_steps: tuple[int, int] | None = None  # a hires fix's second pass: (first pass, hires) steps
     sdxl_given: frozenset[str] = frozenset()  # the SDXL options passed explicitly (an SD model refuses them)
     guidance_scale: float | None = None  # the plain number given as guidance_scale (LCM embeds it), if any
     emphasis: str = "original"  # A1111's emphasis: "original" (restore the mean), "no_norm", "none" (literal)
@@ -187,6 +189,10 @@ class Request:
                 raise ValueError("prompt is empty: give a string or a non-empty list of strings")
         if embeds is not None and negative_prompt_embeds is not None and negative_prompt is not None:
             raise ValueError("give either negative_prompt or negative_prompt_embeds, not both")
+        tagged = [p for p in prompts or () if extract_extra_networks(p)[1]]
+        if tagged:  # the task methods take them out (lora_dir=); anywhere else they would be encoded as text
+            raise ValueError(f"prompt {tagged[0]!r} has extra-network tags (<lora:...>, <hypernet:...>): the "
+                             "Pipeline task methods apply them, with lora_dir= / hypernetwork_dir=")
         n = len(prompts) if embeds is None else embeds.prompt_embeds.shape[0]
         negatives = None if negative_prompt is None else _prompts(negative_prompt, "negative_prompt")
         if negatives is not None and len(negatives) == 1 and n > 1:
