@@ -86,6 +86,16 @@ def tiny(tmp_path_factory: pytest.TempPathFactory):
     return get
 
 
+@pytest.fixture(autouse=True)
+def _no_compile_cache_left_on():
+    """A test that runs the CLI in this process turns the compile cache on (as the CLI does); the tests after it
+    in this worker must not inherit it (they count compiles through an un-jitted stand-in)."""
+    yield
+    from sdjax import compile_cache
+
+    compile_cache.disable()
+
+
 @pytest.fixture(scope="module")
 def optimized():
     """XLA's full optimisation for a module whose time goes into running a model, not compiling it."""

@@ -22,7 +22,10 @@ def _start(code: str, *argv: str, umask: int | None = None) -> subprocess.Popen:
                             text=True, cwd=ROOT, env=env, umask=-1 if umask is None else umask)
 
 
-CLI = "import sys; from sdjax import cli; sys.exit(cli.main())"  # as the sdjax command runs it
+# As the sdjax command runs it, with Ctrl-C as in a terminal: a test run started in the background (`make test &`)
+# hands its children SIGINT ignored, and Python then installs no KeyboardInterrupt handler.
+CLI = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); from sdjax import cli; "
+       "sys.exit(cli.main())")
 
 
 def _interrupt_when(proc: subprocess.Popen, marker: str, timeout: float = 300) -> tuple[int, str]:
