@@ -426,6 +426,12 @@ def merged_lora_params(
     for source, weight in _check_loras(loras):
         for key, delta in lora_deltas(params, source, weight, unet_config=unet_config).items():
             total[key] = total[key] + delta if key in total else delta
+    return merged_deltas(params, total)
+
+
+def merged_deltas(params: Mapping[str, Any], total: Mapping[tuple[str, ModulePath], np.ndarray]) -> dict[str, Any]:
+    """``params`` with each ``(component, module path) -> delta`` added to that module's kernel; a new dict whose
+    unchanged leaves are shared with ``params``."""
     params = dict(params)
     for component in {c for c, _ in total}:
         flat = flatten(params[component])

@@ -163,8 +163,7 @@ def _with_networks(pipe: Any, networks: tuple[Network, ...]) -> Any:
 
 def _merged(pipe: Any, loras: list[Network]) -> dict[str, Any]:
     """Params with the LoRAs merged, each component with its multiplier (A1111's te / unet)."""
-    from sdjax.convert.lora import _merged_leaf, lora_deltas, merged_lora_params
-    from sdjax.convert.weights import flatten, unflatten
+    from sdjax.convert.lora import lora_deltas, merged_deltas, merged_lora_params
 
     if all(n.te == n.unet for n in loras):
         return merged_lora_params(pipe.params, [(n.path, n.te) for n in loras], unet_config=pipe.unet.config)
@@ -174,14 +173,7 @@ def _merged(pipe: Any, loras: list[Network]) -> dict[str, Any]:
             delta = delta * (n.unet if component == "unet" else n.te)
             key = (component, path)
             total[key] = total[key] + delta if key in total else delta
-    params = dict(pipe.params)
-    for component in {c for c, _ in total}:
-        flat = flatten(params[component])
-        for (c, path), delta in total.items():
-            if c == component:
-                flat[path + ("kernel",)] = _merged_leaf(flat[path + ("kernel",)], delta)
-        params[component] = unflatten(flat)
-    return params
+    return merged_deltas(pipe.params, total)
 
 
 def apply(pipe: Any, prompts: str | Sequence[str], *, lora_dir: Folders = None, hypernetwork_dir: Folders = None
