@@ -41,7 +41,6 @@ LATENT_UPSCALERS: dict[str, tuple[str, bool]] = {
 PIXEL_UPSCALERS: tuple[str, ...] = ("Lanczos", "Nearest", "None")
 DEFAULT_UPSCALER = "Latent"  # A1111's latent_upscale_default_mode
 DEFAULT_STRENGTH = 0.7  # A1111's hires "Denoising strength" default
-DEFAULT_SCALE = 2.0  # A1111's "Upscale by" default
 OPTIONS = ("hires_scale", "hires_strength", "hires_steps", "hires_upscaler")
 
 

@@ -148,10 +148,11 @@ class Pipeline:
         "Latent (nearest)", ..., or "Lanczos" in pixels), then image-to-image at ``hires_strength`` (default
         0.7) for ``hires_steps`` steps (default: ``num_steps``), all in this call.
         """
-        arguments = _arguments(locals())
-        hires = {k: arguments.pop(k) for k in ("hires_scale", "hires_strength", "hires_steps", "hires_upscaler")}
+        arguments = _arguments(locals())  # first: the imports below would join the locals
+        from sdjax.hires import OPTIONS, HiresOptions, hires_fix
+
+        hires = {k: arguments.pop(k) for k in OPTIONS}
         if any(v is not None for v in hires.values()):
-            from sdjax.hires import HiresOptions, hires_fix
 
             options = HiresOptions.build(*hires.values())
             pipe, arguments = self._with_prompt_networks(arguments)
