@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import secrets
 import shutil
 import sys
@@ -538,25 +539,21 @@ def _check_prompt_networks(args: argparse.Namespace) -> None:
         raise UsageError(f"--prompt: {e}") from None
 
 
+HIRES_OPTIONS = ("hires_scale", "hires_strength", "hires_steps", "hires_upscaler")
+
+
 def _check_hires(args: argparse.Namespace) -> None:
-    from sdjax.hires import resolve_upscaler
+    from sdjax.hires import HiresOptions
 
     if args.hires_scale is None:
-        for option in ("hires_strength", "hires_steps", "hires_upscaler"):
+        for option in HIRES_OPTIONS[1:]:
             if getattr(args, option) is not None:
                 raise UsageError(f"--{option.replace('_', '-')} needs --hires-scale")
         return
-    if not args.hires_scale >= 1.0:
-        raise UsageError(f"--hires-scale must be at least 1, got {args.hires_scale:g}")
-    if args.hires_strength is not None and not 0.0 < args.hires_strength <= 1.0:
-        raise UsageError(f"--hires-strength must be in (0, 1], got {args.hires_strength:g}")
-    if args.hires_steps is not None and args.hires_steps < 0:
-        raise UsageError(f"--hires-steps must be >= 0 (0: --steps), got {args.hires_steps}")
-    if args.hires_upscaler is not None:
-        try:
-            resolve_upscaler(args.hires_upscaler)
-        except ValueError as e:
-            raise UsageError(f"--hires-upscaler: {e}") from None
+    try:
+        HiresOptions.build(*(getattr(args, option) for option in HIRES_OPTIONS))
+    except ValueError as e:  # its messages name the keywords: name the flags instead
+        raise UsageError(re.sub(r"\bhires_(scale|strength|steps|upscaler)\b", r"--hires-\1", str(e))) from None
     if args.image:
         raise UsageError("--hires-scale works with text-to-image only (no --image)")
     if args.refiner:
@@ -708,20 +705,19 @@ def _check_hires_size(args: argparse.Namespace, config: dict[str, Any], devices:
 
 def _check_hires_steps(args: argparse.Namespace) -> None:
     """A1111's hires pass runs its steps at the end of a longer schedule, which the model's must cover."""
-    from sdjax.hires import DEFAULT_STRENGTH, hires_schedule
+    from sdjax.hires import DEFAULT_STRENGTH, checked_hires_schedule
     from sdjax.loaders import DEFAULT_MODEL
 
-    steps = args.hires_steps or args.steps
-    strength = args.hires_strength if args.hires_strength is not None else DEFAULT_STRENGTH
-    total, _ = hires_schedule(steps, strength)
     try:
         scheduler = json.loads((Path(args.model or DEFAULT_MODEL) / "scheduler" / "scheduler_config.json").read_text())
         limit = int(scheduler.get("num_train_timesteps", 1000))
     except (OSError, ValueError):
         limit = 1000  # single files: the SD families' count
-    if total > limit:
-        raise UsageError(f"--hires-strength {strength:g} with {steps} hires steps needs a schedule of {total} "
-                         f"steps, more than the model's {limit}: raise --hires-strength or lower --hires-steps")
+    strength = args.hires_strength if args.hires_strength is not None else DEFAULT_STRENGTH
+    try:
+        checked_hires_schedule(args.hires_steps or args.steps, strength, limit)
+    except ValueError as e:
+        raise UsageError(re.sub(r"\bhires_(strength|steps)\b", r"--hires-\1", str(e))) from None
 
 
 def _check_model(args: argparse.Namespace, config: dict[str, Any], height: int | None, width: int | None,

@@ -83,7 +83,7 @@ class HiresOptions:
             raise ValueError(f"hires_strength must be in (0, 1], got {strength!r}")
         if steps is not None:
             if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
-                raise ValueError(f"hires_steps must be a non-negative integer (0 or None: the base steps), "
+                raise ValueError(f"hires_steps must be a non-negative integer (0: the base pass's steps), "
                                  f"got {steps!r}")
             steps = int(steps) or None
         return cls(float(scale), float(strength), steps, resolve_upscaler(upscaler or DEFAULT_UPSCALER))
@@ -99,6 +99,15 @@ def hires_schedule(steps: int, strength: float) -> tuple[int, float]:
     traced strength rounds ``T * strength`` up when within 1e-6 of an integer)."""
     total = int(steps / min(strength, 0.999))
     return total, steps / total
+
+
+def checked_hires_schedule(steps: int, strength: float, num_train_timesteps: int) -> tuple[int, float]:
+    """:func:`hires_schedule`, refused when its schedule is longer than the model's training schedule."""
+    total, fraction = hires_schedule(steps, strength)
+    if total > num_train_timesteps:
+        raise ValueError(f"hires_strength {strength:g} with {steps} hires steps needs a schedule of {total} steps, "
+                         f"more than the model's {num_train_timesteps}: raise hires_strength or lower hires_steps")
+    return total, fraction
 
 
 def target_size(height: int, width: int, scale: float, factor: int = 8) -> tuple[int, int]:
@@ -198,7 +207,6 @@ def hires_fix(pipe: Any, arguments: dict[str, Any], hires: HiresOptions) -> Any:
     """``text_to_image`` with a hires pass: ``arguments`` are text_to_image's (``options`` holding the rest).
     Both passes' requests are built and checked (sizes, memory, step counts) before the first runs."""
     from sdjax.generation import Request, host, run
-    from sdjax.samplers.schedules import check_num_steps
 
     arguments = dict(arguments)
     extra = dict(arguments.pop("options"))
@@ -217,14 +225,8 @@ def hires_fix(pipe: Any, arguments: dict[str, Any], hires: HiresOptions) -> Any:
     if min(size) < f:
         raise ValueError(f"hires_scale {hires.scale:g}: the hires size {size[1]}x{size[0]} is too small")
     host.check_size(pipe, *size)
-    steps, strength = hires_schedule(hires.steps or first.num_steps, hires.strength)
-    try:
-        check_num_steps(pipe.scheduler, steps)
-    except ValueError:
-        raise ValueError(f"hires_strength {hires.strength:g} with {hires.steps or first.num_steps} hires steps "
-                         f"needs a schedule of {steps} steps, more than the model's "
-                         f"{pipe.scheduler.num_train_timesteps}: raise hires_strength or lower hires_steps"
-                         ) from None
+    steps, strength = checked_hires_schedule(hires.steps or first.num_steps, hires.strength,
+                                             pipe.scheduler.num_train_timesteps)
     host._check_memory(pipe, first.batch, *size)
     second_args = {k: v for k, v in arguments.items() if k not in ("latents", "height", "width", "num_steps")}
     shape = (first.batch, pipe.vae.config.latent_channels, size[0] // f, size[1] // f)
