@@ -22,7 +22,7 @@ from typing import Any
 
 from sdjax.prompts import extract_extra_networks
 
-__all__ = ["Applied", "Network", "apply", "find", "parse"]
+__all__ = ["Applied", "Network", "apply", "find", "parse", "with_networks"]
 
 Folders = str | os.PathLike | Sequence[str | os.PathLike] | None
 KINDS = {"lora": ("lora_dir", (".safetensors", ".pt", ".ckpt")), "hypernet": ("hypernetwork_dir", (".pt",))}
@@ -73,9 +73,17 @@ def _number(text: str, what: str) -> float:
 
 
 def _candidates(folders: list[Path], suffixes: tuple[str, ...]) -> list[Path]:
-    found = []
+    """Files with those suffixes in the folders and their subfolders, symlinked folders included (as A1111's
+    ``os.walk(..., followlinks=True)``; a link back up the tree is walked once)."""
+    found, seen = [], set()
     for folder in folders:
-        for root, _, files in sorted(os.walk(folder)):
+        for root, dirs, files in os.walk(folder, followlinks=True):
+            real = os.path.realpath(root)
+            if real in seen:
+                dirs[:] = []
+                continue
+            seen.add(real)
+            dirs.sort()
             found += [Path(root) / f for f in sorted(files) if Path(f).suffix.lower() in suffixes]
     return found
 
@@ -139,10 +147,13 @@ def parse(prompts: str | Sequence[str], *, lora_dir: Folders = None, hypernetwor
     return (stripped[0] if isinstance(prompts, str) else stripped), tuple(networks)
 
 
-_cache: dict[Any, tuple[Any, Any]] = {}  # (id(pipe), files and multipliers) -> (pipe, pipe with them): the last few
+_cache: dict[Any, tuple[Any, Any]] = {}  # (id(pipe), files and multipliers) -> (pipe, pipe with them): the last
 
 
-def _with_networks(pipe: Any, networks: tuple[Network, ...]) -> Any:
+def with_networks(pipe: Any, networks: Sequence[Network]) -> Any:
+    """``pipe`` with the networks :func:`parse` found: LoRAs merged, hypernetworks added, in the tags' order.
+    The last result is cached (one, so an SDXL host holds one merged copy of the weights)."""
+    networks = tuple(networks)
     if not networks:
         return pipe
     key = (id(pipe), tuple((n.kind, str(n.path), n.path.stat().st_mtime_ns, n.te, n.unet) for n in networks))
@@ -155,8 +166,7 @@ def _with_networks(pipe: Any, networks: tuple[Network, ...]) -> Any:
     for n in networks:
         if n.kind == "hypernet":
             out = out.with_hypernetwork(n.path, strength=n.te)
-    if len(_cache) >= 2:
-        _cache.pop(next(iter(_cache)))
+    _cache.clear()
     _cache[key] = (pipe, out)  # holding pipe keeps its id from being reused
     return out
 
@@ -179,6 +189,6 @@ def _merged(pipe: Any, loras: list[Network]) -> dict[str, Any]:
 def apply(pipe: Any, prompts: str | Sequence[str], *, lora_dir: Folders = None, hypernetwork_dir: Folders = None
           ) -> Applied:
     """The pipeline with the prompt's LoRAs merged and hypernetworks added (in the tags' order), and the prompts
-    without the tags. ``pipe`` is untouched; the last results are cached, so repeating a prompt merges once."""
+    without the tags. ``pipe`` is untouched; the last result is cached, so repeating a prompt merges once."""
     clean, networks = parse(prompts, lora_dir=lora_dir, hypernetwork_dir=hypernetwork_dir)
-    return Applied(_with_networks(pipe, networks), clean, networks)
+    return Applied(with_networks(pipe, networks), clean, networks)

@@ -203,9 +203,11 @@ def upscale_pixels(images: Any, size: tuple[int, int], upscaler: str = "Lanczos"
 # --- the one call ---------------------------------------------------------------------------------------------
 
 
-def hires_fix(pipe: Any, arguments: dict[str, Any], hires: HiresOptions) -> Any:
+def hires_fix(pipe: Any, arguments: dict[str, Any], hires: HiresOptions, networks: tuple[Any, ...] = ()
+              ) -> Any:
     """``text_to_image`` with a hires pass: ``arguments`` are text_to_image's (``options`` holding the rest).
     Both passes' requests are built and checked (sizes, memory, step counts) before the first runs."""
+    from sdjax.extra_networks import with_networks
     from sdjax.generation import Request, host, run
 
     arguments = dict(arguments)
@@ -236,7 +238,7 @@ def hires_fix(pipe: Any, arguments: dict[str, Any], hires: HiresOptions) -> Any:
     # its prompts scheduled as A1111's hires pass (editing counts on from the first pass)
     second = dataclasses.replace(second, hires_prompt_steps=(first.num_steps, hires.steps or first.num_steps))
 
-    pipe = host.with_request_ip_adapters(pipe, first)
+    pipe = host.with_request_ip_adapters(with_networks(pipe, networks), first)
     host.prepare(pipe, second)  # the second pass's checks (images, adapters, ...) before the first runs
     base = run(pipe, first, **execution)
     if hires.latent:

@@ -155,8 +155,8 @@ class Pipeline:
         if any(v is not None for v in hires.values()):
 
             options = HiresOptions.build(*hires.values())
-            pipe, arguments = self._with_prompt_networks(arguments)
-            return hires_fix(pipe, arguments, options)
+            networks, arguments = self._prompt_networks(arguments)
+            return hires_fix(self, arguments, options, networks)
         return self._generate("text", arguments)
 
     def image_to_image(
@@ -185,30 +185,32 @@ class Pipeline:
         the mask after every step). Returns as :meth:`text_to_image`."""
         return self._generate("inpaint", _arguments(locals()))
 
-    def _with_prompt_networks(self, arguments: dict[str, Any]) -> tuple[Pipeline, dict[str, Any]]:
-        """A1111's ``<lora:...>`` / ``<hypernet:...>`` tags (:mod:`sdjax.extra_networks`): this pipeline with them
-        applied, and the arguments with the tags out of the prompts and ``lora_dir`` / ``hypernetwork_dir``
-        taken out of the options."""
+    def _prompt_networks(self, arguments: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """A1111's ``<lora:...>`` / ``<hypernet:...>`` tags (:mod:`sdjax.extra_networks`), found but not yet read,
+        and the arguments with the tags out of the prompts and ``lora_dir`` / ``hypernetwork_dir`` taken out of
+        the options. The caller merges them once the request has passed its checks."""
         extra = dict(arguments["options"])
         folders = {k: extra.pop(k, None) for k in ("lora_dir", "hypernetwork_dir")}
         arguments = {**arguments, "options": extra}
         prompt = arguments.get("prompt")
         if not (isinstance(prompt, str) or (isinstance(prompt, list | tuple) and prompt
                                             and all(isinstance(p, str) for p in prompt))):
-            return self, arguments  # embeddings, or a prompt Request.build will refuse
-        from sdjax.extra_networks import apply
+            return (), arguments  # embeddings, or a prompt Request.build will refuse
+        from sdjax.extra_networks import parse
 
-        applied = apply(self, prompt, **folders)
-        return applied.pipe, {**arguments, "prompt": applied.prompts}
+        prompts, networks = parse(prompt, **folders)
+        return networks, {**arguments, "prompt": prompts}
 
     def _generate(self, task: str, options: dict[str, Any]) -> Any:
+        from sdjax.extra_networks import with_networks
         from sdjax.generation import Request, run
         from sdjax.generation.host import with_request_ip_adapters
 
-        pipe, options = self._with_prompt_networks(options)
+        networks, options = self._prompt_networks(options)
         extra = options.pop("options")
         execution = {k: extra.pop(k) for k in ("progress", "mesh", "image_index_offset") if k in extra}
         request = Request.build(task, options.pop("prompt"), **options, **extra)
+        pipe = with_networks(self, networks)  # weights read only for a request that passed its checks
         return run(with_request_ip_adapters(pipe, request), request, **execution)
 
     # --- any size -------------------------------------------------------------------------------------------

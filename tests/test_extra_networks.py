@@ -114,6 +114,35 @@ def test_bad_tags_fail_before_any_work(tiny, folders, tmp_path, monkeypatch) -> 
         pipe.image_to_image("<lora:ink>", np.zeros((HEIGHT, WIDTH, 3), np.float32))
 
 
+def test_a_bad_request_reads_no_network(tiny, folders, monkeypatch) -> None:
+    """A request that fails its checks (here a bad sampler) is refused before its tags' weights are read."""
+    import sdjax.convert.hypernetwork
+    import sdjax.convert.lora
+
+    def no_read(*args, **kwargs):
+        raise AssertionError("network weights read")
+
+    for module, name in ((sdjax.convert.lora, "merged_lora_params"), (sdjax.convert.lora, "lora_deltas"),
+                         (sdjax.convert.hypernetwork, "apply_hypernetwork")):
+        monkeypatch.setattr(module, name, no_read, raising=True)
+    pipe = tiny("sd1").pipe
+    tags = "a cat <lora:ink:0.5> <hypernet:anime>"
+    dirs = dict(lora_dir=folders["lora"], hypernetwork_dir=folders["hypernet"])
+    with pytest.raises(ValueError, match="sampler"):
+        pipe.text_to_image(tags, num_steps=2, sampler="no-such-sampler", **dirs)
+    with pytest.raises(ValueError, match="sampler"):
+        pipe.text_to_image(tags, num_steps=2, sampler="no-such-sampler", hires_scale=1.5, **dirs)
+
+
+def test_symlinked_folders_are_searched(folders, tmp_path) -> None:
+    """As A1111's ``os.walk(..., followlinks=True)``; a link back up the tree does not loop."""
+    root = tmp_path / "loras"
+    root.mkdir()
+    (root / "shared").symlink_to(folders["lora"] / "styles", target_is_directory=True)
+    (root / "up").symlink_to(root, target_is_directory=True)
+    assert extra_networks.find("lora", "ink", root) == root / "shared" / "ink.safetensors"
+
+
 def test_tags_outside_the_task_methods_are_refused() -> None:
     """Only the Pipeline task methods apply tags; a request built elsewhere (batch jobs, generation.run) would
     encode them as text, so it is refused, naming the prompt."""
