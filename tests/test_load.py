@@ -126,3 +126,24 @@ def test_single_file_gives_the_same_model_as_the_folder(kind: str, tmp_path: Pat
         options = dict(num_steps=3, height=64, width=64, seed=2)
         np.testing.assert_array_equal(from_file.text_to_image(prompt, **options),
                                       from_folder.text_to_image(prompt, **options))
+
+
+def test_a_loaded_model_is_held_once_on_the_cpu(tiny, tmp_path: Path) -> None:
+    """Loaded weights are read-only, 64-byte aligned host arrays (``convert.weights.host_array``), which the CPU
+    placement uses in place: the model is not held twice (an fp32 SDXL is ~14 GB). Folders in fp32 and bf16,
+    and sdjax's own checkpoints."""
+    import jax
+    import jax.numpy as jnp
+
+    from sdjax import parallel
+    from sdjax.checkpoint import save_checkpoint
+
+    sd1 = tiny("sd1")
+    save_checkpoint(sd1.pipe, tmp_path / "ckpt")
+    mesh = parallel.data_mesh(jax.devices()[:1])
+    for pipe in (sd1.pipe, sdjax.load(sd1.folder, dtype=jnp.bfloat16), sdjax.load(tmp_path / "ckpt")):
+        host = jax.tree.leaves(pipe.params)
+        placed = jax.tree.leaves(parallel.place_params(pipe.params, mesh))
+        for h, d in zip(host, placed, strict=True):
+            assert isinstance(h, np.ndarray) and h.ctypes.data % 64 == 0 and not h.flags.writeable
+            assert np.shares_memory(np.asarray(d), h)

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax.config import ConfigError, read_json
-from sdjax.convert.weights import flatten, from_flax_params, path_to_torch_key
+from sdjax.convert.weights import flatten, from_flax_params, host_array, path_to_torch_key
 from sdjax.loaders.assemble import assemble, vae_param_dtype
 from sdjax.pipeline import TEXT_ENCODERS, TOKENIZER_FOR, Pipeline
 
@@ -139,8 +139,8 @@ def load_checkpoint(folder: str | Path, *, dtype: Any = jnp.float32) -> Pipeline
     from sdjax.models.vae import VAEConfig
 
     vae_dtype = vae_param_dtype(VAEConfig.from_dict(configs["vae"]), dtype)
-    params = {name: jax.tree.map(lambda x, d=(vae_dtype if name == "vae" else dtype): np.asarray(x).astype(d),
-                                 tree) for name, tree in params.items()}
+    params = {name: jax.tree.map(lambda x, d=(vae_dtype if name == "vae" else dtype): host_array(x, d), tree)
+              for name, tree in params.items()}
     tokenizers = {name: load_tokenizer(folder / TOKENIZER_FOR[name],
                                        convention="clip") for name in meta["projections"]}
     return assemble(configs=configs, params=params, scheduler_config=read_json(folder / "scheduler" /
