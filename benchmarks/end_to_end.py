@@ -5,7 +5,7 @@ with random weights, sdjax vs diffusers PyTorch in the same process on the same 
 
 sdjax's first call (the compile) is its warm-up; PyTorch warms up with a 2-step call. Then both run
 round-robin ``--repeats`` times (median). Also prints the phases of one sdjax run (text encoding, one UNet
-step, decode) timed separately, to show what dominates. Needs ~12 GB RAM.
+step, decode) timed separately (one untimed call, then the median of 3), to show what dominates. Needs ~12 GB RAM.
 """
 
 from __future__ import annotations
@@ -97,11 +97,15 @@ def phases(pipe, torch_pipe, prompts, args) -> None:
     dec = core._decoder(pipe.vae)
     dec(pipe.params["vae"], lat).block_until_ready()
 
-    def clock(fn, n=1):
-        t = time.perf_counter()
+    def clock(fn, n=3):
+        """Median of ``n`` calls after one untimed call (first calls pay allocation and thread start-up)."""
+        fn()
+        times = []
         for _ in range(n):
+            t = time.perf_counter()
             fn()
-        return (time.perf_counter() - t) / n
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)
 
     with torch.inference_mode():
         tx, tts, tc = (torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), torch.from_numpy(ts), torch.from_numpy(ctx))
@@ -111,9 +115,8 @@ def phases(pipe, torch_pipe, prompts, args) -> None:
                                       clock(lambda: torch_pipe.unet(tx, tts, tc))),
             "VAE decode": (clock(lambda: dec(pipe.params["vae"], lat).block_until_ready()),
                            clock(lambda: torch_pipe.vae.decode(tl))),
-            "text encoding": (clock(lambda: pipe.encode_prompt(prompts, [""] * len(prompts)), 3),
-                              clock(lambda: torch_pipe.encode_prompt(prompts, "cpu", 1, True, [""] * len(prompts)),
-                                    3)),
+            "text encoding": (clock(lambda: pipe.encode_prompt(prompts, [""] * len(prompts))),
+                              clock(lambda: torch_pipe.encode_prompt(prompts, "cpu", 1, True, [""] * len(prompts)))),
         }
     for name, (a, c) in rows.items():
         print(f"phase {name:22s} sdjax {a:7.3f} s  torch {c:7.3f} s  ratio {a / c:.2f}")
