@@ -5,14 +5,14 @@ with random weights, sdjax vs diffusers PyTorch in the same process on the same 
 
 sdjax's first call (the compile) is its warm-up; PyTorch warms up with a 2-step call. Then both run
 round-robin ``--repeats`` times (median). Also prints the phases of one sdjax run (text encoding, one UNet
-step, decode) timed separately (one untimed call, then the median of 3), to show what dominates. Needs ~12 GB RAM.
+step, decode) timed separately (one untimed call each, then the median of 3 round-robin), to show what
+dominates. Needs ~12 GB RAM.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -36,6 +36,7 @@ def main() -> None:
     import torch
 
     from _models import build_pipeline, saved
+    from _timing import round_robin
 
     torch.set_num_threads(os.cpu_count() or 1)
     print(f"jax {jax.__version__}, torch {torch.__version__}, {os.cpu_count()} threads; "
@@ -58,22 +59,9 @@ def main() -> None:
             return torch_pipe(prompts, num_inference_steps=steps, output_type="np",
                               generator=torch.Generator().manual_seed(0), **common).images
 
-    t = time.perf_counter()
-    run_jax()
-    print(f"sdjax first call (compile + run) {time.perf_counter() - t:.1f} s", flush=True)
-    t = time.perf_counter()
-    run_torch(2)
-    print(f"torch warm-up (2 steps) {time.perf_counter() - t:.1f} s", flush=True)
-    jt, tt = [], []
-    for r in range(args.repeats):
-        t = time.perf_counter()
-        run_jax()
-        jt.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        run_torch()
-        tt.append(time.perf_counter() - t)
-        print(f"  run {r + 1}: sdjax {jt[-1]:.1f} s, torch {tt[-1]:.1f} s", flush=True)
-    j, tm = statistics.median(jt), statistics.median(tt)
+    medians, _ = round_robin({"sdjax": run_jax, "torch": run_torch}, args.repeats,
+                             warm_ups={"torch": lambda: run_torch(2)})  # sdjax's warm-up is its compile
+    j, tm = medians["sdjax"], medians["torch"]
     print(f"end to end: sdjax {j:.1f} s, pytorch {tm:.1f} s, ratio sdjax/pytorch = {j / tm:.2f}")
     phases(pipe, torch_pipe, prompts, args)
 
@@ -83,6 +71,7 @@ def phases(pipe, torch_pipe, prompts, args) -> None:
     import jax
     import numpy as np
     import torch
+    from _timing import round_robin
 
     from sdjax.generation import core
 
@@ -97,27 +86,22 @@ def phases(pipe, torch_pipe, prompts, args) -> None:
     dec = core._decoder(pipe.vae)
     dec(pipe.params["vae"], lat).block_until_ready()
 
-    def clock(fn, n=3):
-        """Median of ``n`` calls after one untimed call (first calls pay allocation and thread start-up)."""
-        fn()
-        times = []
-        for _ in range(n):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return statistics.median(times)
-
     with torch.inference_mode():
         tx, tts, tc = (torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), torch.from_numpy(ts), torch.from_numpy(ctx))
         tl = torch.from_numpy(lat.transpose(0, 3, 1, 2).copy()) / torch_pipe.vae.config.scaling_factor
-        rows = {
-            "UNet step (CFG batch)": (clock(lambda: unet(pipe.params["unet"], x, ts, ctx).block_until_ready()),
-                                      clock(lambda: torch_pipe.unet(tx, tts, tc))),
-            "VAE decode": (clock(lambda: dec(pipe.params["vae"], lat).block_until_ready()),
-                           clock(lambda: torch_pipe.vae.decode(tl))),
-            "text encoding": (clock(lambda: pipe.encode_prompt(prompts, [""] * len(prompts))),
-                              clock(lambda: torch_pipe.encode_prompt(prompts, "cpu", 1, True, [""] * len(prompts)))),
+        calls = {
+            "UNet step (CFG batch)": (lambda: unet(pipe.params["unet"], x, ts, ctx).block_until_ready(),
+                                      lambda: torch_pipe.unet(tx, tts, tc)),
+            "VAE decode": (lambda: dec(pipe.params["vae"], lat).block_until_ready(),
+                           lambda: torch_pipe.vae.decode(tl)),
+            "text encoding": (lambda: pipe.encode_prompt(prompts, [""] * len(prompts)),
+                              lambda: torch_pipe.encode_prompt(prompts, "cpu", 1, True, [""] * len(prompts))),
         }
+        rows = {}
+        for name, (a, c) in calls.items():
+            print(f"phase {name}:", flush=True)
+            medians, _ = round_robin({"sdjax": a, "torch": c}, 3)
+            rows[name] = (medians["sdjax"], medians["torch"])
     for name, (a, c) in rows.items():
         print(f"phase {name:22s} sdjax {a:7.3f} s  torch {c:7.3f} s  ratio {a / c:.2f}")
     unet_share = rows["UNet step (CFG batch)"][0] * args.steps

@@ -7,7 +7,8 @@ The UNet comes from a random-weight SDXL diffusers folder (written on first use,
 uses the same folder). One fp32 copy of its 2.6 B weights is ~10 GB, so the two frameworks' copies plus
 activations do not fit a 24 GiB host together: each framework runs in its own child process, PyTorch first,
 then sdjax, one after the other on an otherwise idle machine (not round-robin). Each child times one warm-up
-and the median of ``--repeats``; the sdjax child also compares its output with PyTorch's.
+and the median of ``--repeats`` (``_timing.round_robin`` of one function); the sdjax child also compares its
+output with PyTorch's.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -23,6 +23,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from _timing import round_robin  # noqa: E402
 
 
 def inputs(batch: int, size: int) -> dict:
@@ -37,19 +40,6 @@ def inputs(batch: int, size: int) -> dict:
         text_embeds=rng.standard_normal((batch, 1280), dtype=np.float32),
         time_ids=np.tile(np.asarray([[size * 8, size * 8, 0, 0, size * 8, size * 8]], np.float32), (batch, 1)),
     )
-
-
-def timed(fn, repeats: int) -> tuple[float, float, object]:
-    """(warm-up seconds, median seconds of ``repeats``, last output)."""
-    t = time.perf_counter()
-    out = fn()
-    warm = time.perf_counter() - t
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-    return warm, statistics.median(times), out
 
 
 def torch_child(args: argparse.Namespace) -> dict:
@@ -68,9 +58,9 @@ def torch_child(args: argparse.Namespace) -> dict:
             out = unet(sample, torch.from_numpy(a["t"]), torch.from_numpy(a["context"]), added_cond_kwargs=added)
         return out.sample.numpy()
 
-    warm, median, out = timed(run, args.repeats)
-    np.save(args.reference, out.transpose(0, 2, 3, 1))
-    return {"warm_up": warm, "median": median}
+    medians, outputs = round_robin({"torch": run}, args.repeats)
+    np.save(args.reference, outputs["torch"].transpose(0, 2, 3, 1))
+    return {"median": medians["torch"]}
 
 
 def jax_child(args: argparse.Namespace) -> dict:
@@ -101,9 +91,9 @@ def jax_child(args: argparse.Namespace) -> dict:
     def run() -> np.ndarray:
         return np.asarray(step(params, a["x"], a["t"], a["context"], a["text_embeds"], a["time_ids"]))
 
-    warm, median, out = timed(run, args.repeats)
-    return {"warm_up": warm, "median": median, "compile": compile_s,
-            "max_diff": float(np.abs(out - np.load(args.reference)).max())}
+    medians, outputs = round_robin({"sdjax": run}, args.repeats)
+    return {"median": medians["sdjax"], "compile": compile_s,
+            "max_diff": float(np.abs(outputs["sdjax"] - np.load(args.reference)).max())}
 
 
 def main() -> None:
@@ -119,7 +109,6 @@ def main() -> None:
         print(json.dumps((torch_child if args.child == "torch" else jax_child)(args)))
         return
 
-    sys.path.insert(0, str(HERE))
     from _models import build_pipeline, saved
 
     if not (args.folder / "model_index.json").exists():

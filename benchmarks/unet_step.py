@@ -1,9 +1,10 @@
 """One SD1.5 UNet step on the CPU: sdjax (jit) vs diffusers/PyTorch, same random weights, same inputs.
 
     python benchmarks/unet_step.py [--repeats 3] [--batch 2] [--size 64] [--attention auto|xla|blockwise]
-                                   [--dtype float32|bfloat16]
+                                   [--dtype float32|bfloat16] [--blocked]
 
-Both are timed in the same process, round-robin, median of ``--repeats`` after one warm-up each. Prints both
+Both are timed in the same process, round-robin (``--blocked``: all of sdjax's runs, then all of PyTorch's),
+median of ``--repeats`` after one warm-up each. Prints both
 times, the ratio sdjax/PyTorch, sdjax's compile time and the max abs difference of the outputs (a sanity check).
 Needs ~10 GB RAM (two copies of the 860M fp32 weights plus activations).
 
@@ -17,9 +18,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 SD15_UNET_CONFIG = {
     "_class_name": "UNet2DConditionModel",
@@ -53,6 +56,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="bfloat16: bf16-input / f32-accumulate matmuls in sdjax (PyTorch stays fp32)")
     p.add_argument("--skip-torch", action="store_true", help="time sdjax only")
+    p.add_argument("--blocked", action="store_true",
+                   help="all of sdjax's runs, then all of PyTorch's (default: alternate them)")
     return p.parse_args()
 
 
@@ -72,6 +77,7 @@ def main() -> None:
 
     from sdjax.convert.unet import convert_unet
     from sdjax.models.unet import UNet2DConditionModel, UNetConfig
+    from _timing import round_robin
 
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
@@ -106,37 +112,19 @@ def main() -> None:
     print(f"sdjax compile: {compile_s:.1f}s", flush=True)
 
     def run_jax() -> np.ndarray:
-        return step(params, *jax_in).block_until_ready()
+        return np.asarray(step(params, *jax_in))
 
-    def run_torch() -> torch.Tensor:
+    def run_torch() -> np.ndarray:
         with torch.inference_mode():
-            return torch_unet(*torch_in).sample
+            return torch_unet(*torch_in).sample.numpy().transpose(0, 2, 3, 1)
 
-    def timed(fn):
-        t = time.perf_counter()
-        out = fn()
-        return time.perf_counter() - t, out
-
-    jax_times, torch_times = [], []
-    w, out_jax = timed(run_jax)
-    print(f"  warm-up sdjax {w:.2f}s", flush=True)
-    if not args.skip_torch:
-        w, out_torch = timed(run_torch)
-        print(f"  warm-up torch {w:.2f}s", flush=True)
-    for r in range(args.repeats):
-        jax_times.append(timed(run_jax)[0])
-        line = f"  run {r + 1}: sdjax {jax_times[-1]:.2f}s"
-        if not args.skip_torch:
-            torch_times.append(timed(run_torch)[0])
-            line += f"  torch {torch_times[-1]:.2f}s"
-        print(line, flush=True)
-
-    tj = statistics.median(jax_times)
+    runs = {"sdjax": run_jax} if args.skip_torch else {"sdjax": run_jax, "torch": run_torch}
+    medians, outputs = round_robin(runs, args.repeats, interleave=not args.blocked)
+    tj = medians["sdjax"]
     print(f"sdjax   {tj:.2f} s/step (median of {args.repeats}; compile {compile_s:.1f}s)")
     if not args.skip_torch:
-        tt = statistics.median(torch_times)
-        ref = out_torch.numpy().transpose(0, 2, 3, 1)
-        err = float(np.abs(np.asarray(out_jax, np.float32) - ref).max())
+        tt, ref = medians["torch"], outputs["torch"]
+        err = float(np.abs(outputs["sdjax"].astype(np.float32) - ref).max())
         print(f"pytorch {tt:.2f} s/step (median of {args.repeats})")
         print(f"ratio sdjax/pytorch = {tj / tt:.2f}")
         print(f"max |sdjax - pytorch| = {err:.2e} (max |pytorch| = {float(np.abs(ref).max()):.3g})")

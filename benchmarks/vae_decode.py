@@ -3,7 +3,8 @@ weights (SD1.5's VAE config), same latents, in one process.
 
     python benchmarks/vae_decode.py [--batch 1] [--size 64] [--repeats 3]
 
-Median of ``--repeats`` after one warm-up each, round-robin; prints the ratio and the max difference.
+Median of ``--repeats`` after one warm-up each, round-robin (``_timing.round_robin``); prints the ratio and the
+max difference.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 CONFIG = Path(__file__).resolve().parents[1] / "sdjax" / "assets" / "configs" / "sd1" / "vae" / "config.json"
 
@@ -34,6 +36,7 @@ def main() -> None:
     from sdjax.convert.vae import convert_vae
     from sdjax.generation.core import decode_latents
     from sdjax.models.vae import AutoencoderKL, VAEConfig
+    from _timing import round_robin
 
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
@@ -55,19 +58,9 @@ def main() -> None:
         with torch.inference_mode():
             return (torch_vae.decode(tz).sample / 2 + 0.5).clamp(0, 1).numpy().transpose(0, 2, 3, 1)
 
-    t = time.perf_counter()
-    a = run_jax()
-    print(f"sdjax compile + first run {time.perf_counter() - t:.1f} s", flush=True)
-    b = run_torch()
-    jt, tt = [], []
-    for _ in range(args.repeats):
-        t = time.perf_counter()
-        run_jax()
-        jt.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        run_torch()
-        tt.append(time.perf_counter() - t)
-    j, tm = statistics.median(jt), statistics.median(tt)
+    medians, outputs = round_robin({"sdjax": run_jax, "torch": run_torch}, args.repeats)
+    j, tm = medians["sdjax"], medians["torch"]
+    a, b = outputs["sdjax"], outputs["torch"]
     print(f"VAE decode {args.size}x{args.size} latent -> {8 * args.size}x{8 * args.size}, batch {args.batch}, fp32: "
           f"sdjax {j:.2f} s, pytorch {tm:.2f} s, ratio sdjax/pytorch = {j / tm:.2f} "
           f"(max |diff| {float(np.abs(a - b).max()):.1e})")

@@ -162,15 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
         updates, opt_state = opt.update(grads, opt_state, p)
         return optax.apply_updates(p, updates), opt_state, loss
 
-    key = jax.random.key(args.seed_start + 5)
-    t_train = time.time()
-    losses = []
-    for i in range(args.train_steps):
-        params, opt_state, loss = step(params, opt_state, jax.random.fold_in(key, i))
-        if i % 100 == 0 or i == args.train_steps - 1:
-            losses.append(round(float(loss), 4))
-            print(f"step {i:5d} loss {float(loss):.4f}  ({time.time() - t_train:.0f}s)", flush=True)
-    train_s = time.time() - t_train
+    params, losses, train_s = tlc.train(step, params, opt_state, jax.random.key(args.seed_start + 5), args.train_steps)
 
     shipped = jax.tree.map(lambda p: jnp.asarray(p, jnp.float16).astype(jnp.float32), params)
     after = {str(t): agreement(shipped, config, latents[held], labels[held], t) for t in (0.0, 250.0, 500.0)}

@@ -81,6 +81,18 @@ def accuracy_table(params, config, means, logvars, labels, scale, ac, key, times
     return table
 
 
+def train(step, params, opt_state, key, steps: int) -> tuple[object, list[float], float]:
+    """Run ``step(params, opt_state, key_i)`` ``steps`` times: (params, the loss every 100 steps, seconds)."""
+    t_train = time.time()
+    losses = []
+    for i in range(steps):
+        params, opt_state, loss = step(params, opt_state, jax.random.fold_in(key, i))
+        if i % 100 == 0 or i == steps - 1:
+            losses.append(round(float(loss), 4))
+            print(f"step {i:5d} loss {float(loss):.4f}  ({time.time() - t_train:.0f}s)", flush=True)
+    return params, losses, time.time() - t_train
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=3000)
@@ -129,15 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
         updates, opt_state = opt.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    key = jax.random.key(args.seed + 1)
-    t_train = time.time()
-    losses = []
-    for i in range(args.steps):
-        params, opt_state, loss = step(params, opt_state, jax.random.fold_in(key, i))
-        if i % 100 == 0 or i == args.steps - 1:
-            losses.append(round(float(loss), 4))
-            print(f"step {i:5d} loss {float(loss):.4f}  ({time.time() - t_train:.0f}s)", flush=True)
-    train_s = time.time() - t_train
+    params, losses, train_s = train(step, params, opt_state, jax.random.key(args.seed + 1), args.steps)
 
     # Evaluate the weights as shipped (float16).
     shipped = jax.tree.map(lambda p: jnp.asarray(p, jnp.float16).astype(jnp.float32), params)

@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +55,21 @@ class Tiny:
         # transformers >= 5.6 names CLIPTextModel's weights without the "text_model." prefix.
         key = module + ".weight" if module + ".weight" in state else module.removeprefix("text_model.") + ".weight"
         return tuple(state[key].shape)
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_on_simulated_devices(code: str, *args: str, devices: int = 4) -> Any:
+    """Run ``code`` in a child Python that has ``devices`` simulated CPU devices and this checkout's sdjax;
+    return the JSON of its last stdout line."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"the {devices}-device run failed:\n{proc.stderr[-4000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def deterministic_vae(torch_pipe: Any) -> None:

@@ -8,18 +8,12 @@ XLA's device count is fixed when JAX starts, so this runs in a subprocess (as te
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.conftest import HEIGHT, PROMPTS, STEPS, WIDTH
+from tests.conftest import HEIGHT, PROMPTS, STEPS, WIDTH, run_on_simulated_devices
 
-REPO = Path(__file__).resolve().parents[1]
 PROMPTS_3 = [PROMPTS[0], PROMPTS[1], "a third prompt: a green boat at sea"]
 OPTIONS = dict(sampler="euler_a", num_steps=STEPS, guidance_scale=7.5, seed=5, height=HEIGHT, width=WIDTH)
 
@@ -53,14 +47,8 @@ print(json.dumps(info))
 def test_fsdp_matches_replicated(tiny, tmp_path) -> None:
     sdxl = tiny("sdxl")
     out = tmp_path / "fsdp.npz"
-    env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4",
-           "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO),
-                                                                                 os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(CHILD), str(sdxl.folder), str(out),
-                           json.dumps(PROMPTS_3), json.dumps(OPTIONS)],
-                          env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"the 4-device run failed:\n{proc.stderr[-4000:]}"
-    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    info = run_on_simulated_devices(CHILD, str(sdxl.folder), str(out), json.dumps(PROMPTS_3),
+                                   json.dumps(OPTIONS))
     print(info)
     assert info["replicated"]["sharded_leaves"] == 0 and info["replicated"]["fraction_on_device_0"] == 1.0
     # Nearly every param is split: device 0 holds little more than 1/fsdp of them.

@@ -6,22 +6,15 @@ XLA's device count is fixed when JAX starts, so the 4-device half runs in a subp
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
-
 import jax
 import numpy as np
 import pytest
 
 from sdjax import parallel
-from tests.conftest import HEIGHT, PROMPTS, STEPS, WIDTH
+from tests.conftest import HEIGHT, PROMPTS, STEPS, WIDTH, run_on_simulated_devices
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
 
-REPO = Path(__file__).resolve().parents[1]
 PROMPTS_3 = [PROMPTS[0], PROMPTS[1], "a third prompt: a green boat at sea"]
 SEED = 7
 # A stochastic sampler with noise from the seed: every image depends on its per-image key.
@@ -73,14 +66,8 @@ def test_four_devices_match_one(tiny, tmp_path) -> None:
 
     sd1 = tiny("sd1")
     out = tmp_path / "four.npz"
-    env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4",
-           "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO),
-                                                                                 os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(CHILD), str(sd1.folder), str(out),
-                           json.dumps(PROMPTS_3), json.dumps(OPTIONS)],
-                          env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"the 4-device run failed:\n{proc.stderr[-4000:]}"
-    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    seen = run_on_simulated_devices(CHILD, str(sd1.folder), str(out), json.dumps(PROMPTS_3),
+                                   json.dumps(OPTIONS))
     # Both batches (3 and 1) were padded to 4, one image per device, and ran sharded over all 4 devices.
     assert len(seen) == 2
     for call in seen:
