@@ -3,10 +3,9 @@ with random weights, sdjax vs diffusers PyTorch in the same process on the same 
 
     python benchmarks/end_to_end.py [--size 512] [--steps 20] [--batch 1] [--repeats 1] [--folder /tmp/sd15]
 
-sdjax's first call (the compile) is its warm-up; PyTorch warms up with a 2-step call. Then both run
-round-robin ``--repeats`` times (median). Also prints the phases of one sdjax run (text encoding, one UNet
-step, decode) timed separately (one untimed call each, then the median of 3 round-robin), to show what
-dominates. Needs ~12 GB RAM.
+sdjax's first call (the compile) is its warm-up; PyTorch warms up with a 2-step call. Each framework then runs
+``--repeats`` times alone (median; ``_timing``). Also prints the phases (text encoding, one UNet step, decode)
+timed separately (one untimed call each, then the median of 3), to show what dominates. Needs ~12 GB RAM.
 """
 
 from __future__ import annotations
@@ -36,7 +35,7 @@ def main() -> None:
     import torch
 
     from _models import build_pipeline, saved
-    from _timing import round_robin
+    from _timing import median_times
 
     torch.set_num_threads(os.cpu_count() or 1)
     print(f"jax {jax.__version__}, torch {torch.__version__}, {os.cpu_count()} threads; "
@@ -59,7 +58,7 @@ def main() -> None:
             return torch_pipe(prompts, num_inference_steps=steps, output_type="np",
                               generator=torch.Generator().manual_seed(0), **common).images
 
-    medians, _ = round_robin({"sdjax": run_jax, "torch": run_torch}, args.repeats,
+    medians, _ = median_times({"sdjax": run_jax, "torch": run_torch}, args.repeats,
                              warm_ups={"torch": lambda: run_torch(2)})  # sdjax's warm-up is its compile
     j, tm = medians["sdjax"], medians["torch"]
     print(f"end to end: sdjax {j:.1f} s, pytorch {tm:.1f} s, ratio sdjax/pytorch = {j / tm:.2f}")
@@ -71,7 +70,7 @@ def phases(pipe, torch_pipe, prompts, args) -> None:
     import jax
     import numpy as np
     import torch
-    from _timing import round_robin
+    from _timing import median_times
 
     from sdjax.generation import core
 
@@ -100,7 +99,7 @@ def phases(pipe, torch_pipe, prompts, args) -> None:
         rows = {}
         for name, (a, c) in calls.items():
             print(f"phase {name}:", flush=True)
-            medians, _ = round_robin({"sdjax": a, "torch": c}, 3)
+            medians, _ = median_times({"sdjax": a, "torch": c}, 3)
             rows[name] = (medians["sdjax"], medians["torch"])
     for name, (a, c) in rows.items():
         print(f"phase {name:22s} sdjax {a:7.3f} s  torch {c:7.3f} s  ratio {a / c:.2f}")

@@ -6,8 +6,8 @@ same random weights, same inputs.
 The UNet comes from a random-weight SDXL diffusers folder (written on first use, ~14 GB; ``sdxl_memory.py``
 uses the same folder). One fp32 copy of its 2.6 B weights is ~10 GB, so the two frameworks' copies plus
 activations do not fit a 24 GiB host together: each framework runs in its own child process, PyTorch first,
-then sdjax, one after the other on an otherwise idle machine (not round-robin). Each child times one warm-up
-and the median of ``--repeats`` (``_timing.round_robin`` of one function); the sdjax child also compares its
+then sdjax, one after the other on an otherwise idle machine. Each child times one warm-up
+and the median of ``--repeats`` (``_timing.median_times``); the sdjax child also compares its
 output with PyTorch's.
 """
 
@@ -25,7 +25,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _timing import round_robin  # noqa: E402
+from _timing import median_times  # noqa: E402
 
 
 def inputs(batch: int, size: int) -> dict:
@@ -58,7 +58,7 @@ def torch_child(args: argparse.Namespace) -> dict:
             out = unet(sample, torch.from_numpy(a["t"]), torch.from_numpy(a["context"]), added_cond_kwargs=added)
         return out.sample.numpy()
 
-    medians, outputs = round_robin({"torch": run}, args.repeats)
+    medians, outputs = median_times({"torch": run}, args.repeats)
     np.save(args.reference, outputs["torch"].transpose(0, 2, 3, 1))
     return {"median": medians["torch"]}
 
@@ -91,7 +91,7 @@ def jax_child(args: argparse.Namespace) -> dict:
     def run() -> np.ndarray:
         return np.asarray(step(params, a["x"], a["t"], a["context"], a["text_embeds"], a["time_ids"]))
 
-    medians, outputs = round_robin({"sdjax": run}, args.repeats)
+    medians, outputs = median_times({"sdjax": run}, args.repeats)
     return {"median": medians["sdjax"], "compile": compile_s,
             "max_diff": float(np.abs(outputs["sdjax"] - np.load(args.reference)).max())}
 

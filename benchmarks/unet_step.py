@@ -1,10 +1,10 @@
 """One SD1.5 UNet step on the CPU: sdjax (jit) vs diffusers/PyTorch, same random weights, same inputs.
 
     python benchmarks/unet_step.py [--repeats 3] [--batch 2] [--size 64] [--attention auto|xla|blockwise]
-                                   [--dtype float32|bfloat16] [--blocked]
+                                   [--dtype float32|bfloat16] [--alternate]
 
-Both are timed in the same process, round-robin (``--blocked``: all of sdjax's runs, then all of PyTorch's),
-median of ``--repeats`` after one warm-up each. Prints both
+Both are timed in the same process, each alone (``--alternate``: round-robin; see ``_timing``), median of
+``--repeats`` after one warm-up each. Prints both
 times, the ratio sdjax/PyTorch, sdjax's compile time and the max abs difference of the outputs (a sanity check).
 Needs ~10 GB RAM (two copies of the 860M fp32 weights plus activations).
 
@@ -56,8 +56,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="bfloat16: bf16-input / f32-accumulate matmuls in sdjax (PyTorch stays fp32)")
     p.add_argument("--skip-torch", action="store_true", help="time sdjax only")
-    p.add_argument("--blocked", action="store_true",
-                   help="all of sdjax's runs, then all of PyTorch's (default: alternate them)")
+    p.add_argument("--alternate", action="store_true",
+                   help="alternate sdjax's and PyTorch's runs (default: all of sdjax's, then all of PyTorch's)")
     return p.parse_args()
 
 
@@ -77,7 +77,7 @@ def main() -> None:
 
     from sdjax.convert.unet import convert_unet
     from sdjax.models.unet import UNet2DConditionModel, UNetConfig
-    from _timing import round_robin
+    from _timing import median_times
 
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
@@ -119,7 +119,7 @@ def main() -> None:
             return torch_unet(*torch_in).sample.numpy().transpose(0, 2, 3, 1)
 
     runs = {"sdjax": run_jax} if args.skip_torch else {"sdjax": run_jax, "torch": run_torch}
-    medians, outputs = round_robin(runs, args.repeats, interleave=not args.blocked)
+    medians, outputs = median_times(runs, args.repeats, alternate=args.alternate)
     tj = medians["sdjax"]
     print(f"sdjax   {tj:.2f} s/step (median of {args.repeats}; compile {compile_s:.1f}s)")
     if not args.skip_torch:

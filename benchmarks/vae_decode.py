@@ -1,10 +1,9 @@
 """VAE decode of a 64x64 latent to 512x512 pixels on the CPU: sdjax (jit) vs diffusers PyTorch, same random
-weights (SD1.5's VAE config), same latents, in one process.
+weights (SD1.5's VAE config), same latents, in one process, each framework alone (see ``_timing``).
 
     python benchmarks/vae_decode.py [--batch 1] [--size 64] [--repeats 3]
 
-Median of ``--repeats`` after one warm-up each, round-robin (``_timing.round_robin``); prints the ratio and the
-max difference.
+Median of ``--repeats`` after one warm-up each; prints the ratio and the max difference.
 """
 
 from __future__ import annotations
@@ -36,7 +35,7 @@ def main() -> None:
     from sdjax.convert.vae import convert_vae
     from sdjax.generation.core import decode_latents
     from sdjax.models.vae import AutoencoderKL, VAEConfig
-    from _timing import round_robin
+    from _timing import median_times
 
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
@@ -58,7 +57,7 @@ def main() -> None:
         with torch.inference_mode():
             return (torch_vae.decode(tz).sample / 2 + 0.5).clamp(0, 1).numpy().transpose(0, 2, 3, 1)
 
-    medians, outputs = round_robin({"sdjax": run_jax, "torch": run_torch}, args.repeats)
+    medians, outputs = median_times({"sdjax": run_jax, "torch": run_torch}, args.repeats)
     j, tm = medians["sdjax"], medians["torch"]
     a, b = outputs["sdjax"], outputs["torch"]
     print(f"VAE decode {args.size}x{args.size} latent -> {8 * args.size}x{8 * args.size}, batch {args.batch}, fp32: "
