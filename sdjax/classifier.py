@@ -14,7 +14,6 @@ Weights ship in ``sdjax/assets/shape_classifier/`` (``model.safetensors`` + ``co
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
@@ -108,45 +107,17 @@ def describe(labels: Any) -> list[str]:
 # --- weights on disk: safetensors (flat "a/b/kernel" keys) + config.json --------------------------------------
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, np.ndarray]:
-    out: dict[str, np.ndarray] = {}
-    for k, v in tree.items():
-        name = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, name + "/"))
-        else:
-            out[name] = np.ascontiguousarray(np.asarray(v, np.float32))
-    return out
-
-
 def save_classifier(params: Any, config: ClassifierConfig, folder: str | Path,
                     extra: dict[str, Any] | None = None) -> Path:
-    from safetensors.numpy import save_file
+    from sdjax.params_file import save_params
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(_flatten(jax.device_get(params)), str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps({**config.to_dict(), **(extra or {})}, indent=2) + "\n")
-    return folder
+    return save_params(params, {**config.to_dict(), **(extra or {})}, folder)
 
 
 def load_classifier(folder: str | Path | None = None) -> tuple[dict[str, Any], ClassifierConfig]:
     """(params, config) from a folder written by :func:`save_classifier`; default: the shipped classifier."""
-    from safetensors.numpy import load_file
+    from sdjax.params_file import load_params, read_config
 
     folder = DEFAULT_PATH if folder is None else Path(folder)
-    config = ClassifierConfig.from_dict(json.loads((folder / "config.json").read_text()))
-    flat = load_file(str(folder / "model.safetensors"))
-    params: dict[str, Any] = {}
-    for key, value in flat.items():
-        node = params
-        *path, leaf = key.split("/")
-        for name in path:
-            node = node.setdefault(name, {})
-        node[leaf] = jnp.asarray(value, jnp.float32)
-    shapes = jax.eval_shape(lambda key: init_params(key, config), jax.random.key(0))
-    expected = {"/".join(map(str, path)): leaf.shape for path, leaf in jax.tree_util.tree_leaves_with_path(shapes)}
-    got = {"/".join(map(str, path)): leaf.shape for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
-    if expected != got:
-        raise ValueError(f"{folder}: classifier weights do not match its config")
-    return params, config
+    config = ClassifierConfig.from_dict(read_config(folder, "classifier"))
+    return load_params(folder, lambda key: init_params(key, config), "classifier"), config

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -196,46 +195,18 @@ def _shipped() -> tuple[dict[str, Any], LatentClassifierConfig]:
 # --- weights on disk: safetensors (flat "a/b/kernel" keys, float16) + config.json ------------------------------
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, np.ndarray]:
-    out: dict[str, np.ndarray] = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}/"))
-        else:
-            out[f"{prefix}{k}"] = np.ascontiguousarray(np.asarray(v, np.float16))
-    return out
-
-
 def save_latent_classifier(params: Any, config: LatentClassifierConfig, folder: str | Path,
                            extra: dict[str, Any] | None = None) -> Path:
     """Weights as float16 safetensors (loaded back as float32) and the config with ``extra`` (training log)."""
-    from safetensors.numpy import save_file
+    from sdjax.params_file import save_params
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(_flatten(jax.device_get(params)), str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps({**config.to_dict(), **(extra or {})}, indent=2) + "\n")
-    return folder
+    return save_params(params, {**config.to_dict(), **(extra or {})}, folder, dtype=np.float16)
 
 
 def load_latent_classifier(path: str | Path | None = None) -> tuple[dict[str, Any], LatentClassifierConfig]:
     """(params, config) from a folder written by :func:`save_latent_classifier`; default: the shipped one."""
-    from safetensors.numpy import load_file
+    from sdjax.params_file import load_params, read_config
 
     root = DEFAULT_PATH if path is None else Path(path)
-    if not (root / "config.json").is_file() or not (root / "model.safetensors").is_file():
-        raise FileNotFoundError(f"{root}: no latent classifier here (needs config.json and model.safetensors)")
-    config = LatentClassifierConfig.from_dict(json.loads((root / "config.json").read_text()))
-    params: dict[str, Any] = {}
-    for key, value in load_file(str(root / "model.safetensors")).items():
-        node = params
-        *path, leaf = key.split("/")
-        for name in path:
-            node = node.setdefault(name, {})
-        node[leaf] = jnp.asarray(value, jnp.float32)
-    shapes = jax.eval_shape(lambda key: init_params(key, config), jax.random.key(0))
-    expected = {jax.tree_util.keystr(p): leaf.shape for p, leaf in jax.tree_util.tree_leaves_with_path(shapes)}
-    got = {jax.tree_util.keystr(p): leaf.shape for p, leaf in jax.tree_util.tree_leaves_with_path(params)}
-    if expected != got:
-        raise ValueError(f"{root}: latent classifier weights do not match its config")
-    return params, config
+    config = LatentClassifierConfig.from_dict(read_config(root, "latent classifier"))
+    return load_params(root, lambda key: init_params(key, config), "latent classifier"), config
