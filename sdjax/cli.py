@@ -539,21 +539,23 @@ def _check_prompt_networks(args: argparse.Namespace) -> None:
         raise UsageError(f"--prompt: {e}") from None
 
 
-HIRES_OPTIONS = ("hires_scale", "hires_strength", "hires_steps", "hires_upscaler")
+def _hires_flags(error: Exception) -> UsageError:
+    """The hires module's error, its keywords (``hires_strength``) named as the flags (``--hires-strength``)."""
+    return UsageError(re.sub(r"\bhires_(scale|strength|steps|upscaler)\b", r"--hires-\1", str(error)))
 
 
 def _check_hires(args: argparse.Namespace) -> None:
-    from sdjax.hires import HiresOptions
+    from sdjax.hires import OPTIONS, HiresOptions
 
     if args.hires_scale is None:
-        for option in HIRES_OPTIONS[1:]:
+        for option in OPTIONS[1:]:
             if getattr(args, option) is not None:
                 raise UsageError(f"--{option.replace('_', '-')} needs --hires-scale")
         return
     try:
-        HiresOptions.build(*(getattr(args, option) for option in HIRES_OPTIONS))
-    except ValueError as e:  # its messages name the keywords: name the flags instead
-        raise UsageError(re.sub(r"\bhires_(scale|strength|steps|upscaler)\b", r"--hires-\1", str(e))) from None
+        HiresOptions.build(*(getattr(args, option) for option in OPTIONS))
+    except ValueError as e:
+        raise _hires_flags(e) from None
     if args.image:
         raise UsageError("--hires-scale works with text-to-image only (no --image)")
     if args.refiner:
@@ -717,7 +719,7 @@ def _check_hires_steps(args: argparse.Namespace) -> None:
     try:
         checked_hires_schedule(args.hires_steps or args.steps, strength, limit)
     except ValueError as e:
-        raise UsageError(re.sub(r"\bhires_(strength|steps)\b", r"--hires-\1", str(e))) from None
+        raise _hires_flags(e) from None
 
 
 def _check_model(args: argparse.Namespace, config: dict[str, Any], height: int | None, width: int | None,

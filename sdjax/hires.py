@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 
 __all__ = ["DEFAULT_STRENGTH", "DEFAULT_UPSCALER", "LATENT_UPSCALERS", "PIXEL_UPSCALERS", "HiresOptions",
-           "hires_fix", "hires_schedule", "resolve_upscaler", "target_size", "upscale_latents", "upscale_pixels"]
+           "checked_hires_schedule", "hires_fix", "hires_schedule", "resolve_upscaler", "target_size",
+           "upscale_latents", "upscale_pixels"]
 
 # A1111's shared.latent_upscale_modes: name -> (torch.nn.functional.interpolate mode, antialias).
 LATENT_UPSCALERS: dict[str, tuple[str, bool]] = {

@@ -153,7 +153,6 @@ class Pipeline:
 
         hires = {k: arguments.pop(k) for k in OPTIONS}
         if any(v is not None for v in hires.values()):
-
             options = HiresOptions.build(*hires.values())
             networks, arguments = self._prompt_networks(arguments)
             return hires_fix(self, arguments, options, networks)
